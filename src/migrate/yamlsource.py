@@ -104,6 +104,10 @@ def _message(err: Any) -> str:
         return "unknown field; check its spelling against examples/ and the README"
     if kind == "missing":
         return "required field is missing"
+    if kind == "union_tag_invalid":
+        ctx = err.get("ctx", {})
+        expected = str(ctx.get("expected_tags", "")).replace("'", "")
+        return f"unknown {ctx.get('discriminator', 'type').strip(chr(39))} {ctx.get('tag')!r}; use one of: {expected}"
     msg = str(err["msg"])
     msg = msg.removeprefix("Value error, ")
     if kind not in ("value_error", "assertion_error") and given is not None and not isinstance(given, dict | list):
