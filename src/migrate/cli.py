@@ -84,9 +84,14 @@ def main(ctx: click.Context, state_dir: Path, verbose: bool) -> None:
 
 
 def _configure_logging(state_dir: Path, verbose: bool) -> None:
+    import uuid
+
     from migrate import log as migrate_log
 
-    migrate_log.configure(state_dir / "logs" / "migrate.jsonl", console=True, verbose=verbose)
+    migrate_log.configure(state_dir / "logs" / "migrate.jsonl", console=True,
+                          level="debug" if verbose else "info", console_level=None if verbose else "warning")
+    # Every log line carries an id; `run` replaces it with the run's own id.
+    migrate_log.set_run(f"cli-{uuid.uuid4().hex[:12]}")
 
 
 # -- discover ----------------------------------------------------------------------------------
