@@ -1,0 +1,110 @@
+"""Start the XAPI fake as a child process (optionally detached) and talk to its control endpoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from migrate.errors import LabError
+from migrate.lab.certs import CertPaths
+from migrate.lab.sshd import stop_pid_file
+from migrate.lab.xapi_fake.server import CONTROL_HEADER
+
+
+@dataclass
+class RunningXapi:
+    """A started fake pool; ``control()`` arms faults and reads its state."""
+
+    url: str
+    port: int
+    user: str
+    password_file: Path
+    ca_file: Path | None
+    state_dir: Path
+    pid: int
+    control_secret_file: Path
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def stop(self) -> None:
+        if self.process is None:
+            stop_pid_file(self.state_dir / "xapi.pid")
+            return
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def control(self, action: str, **params: Any) -> Any:
+        """fail (arm faults: sr_full, session_invalid, drop_upload, drop_after_bytes, fail_task,
+        task_error), clear_failures, faults, calls, state."""
+        verify: str | bool = str(self.ca_file) if self.ca_file else True
+        try:
+            resp = requests.post(
+                f"{self.url}_lab/{action}",
+                json=params,
+                verify=verify,
+                timeout=30,
+                headers={CONTROL_HEADER: self.control_secret_file.read_text().strip()},
+            )
+        except requests.RequestException as exc:
+            raise LabError(f"XAPI fake control '{action}' failed: {exc}") from None
+        if resp.status_code != 200:
+            raise LabError(f"XAPI fake control '{action}' refused ({resp.status_code}): {resp.text.strip()}")
+        return resp.json()["data"]
+
+    def inventory_entry(self) -> dict[str, Any]:
+        """A ``targets:`` entry for an inventory file (the password as a file: reference)."""
+        entry: dict[str, Any] = {
+            "type": "xcpng",
+            "url": self.url,
+            "user": self.user,
+            "password": f"file:{self.password_file}",
+        }
+        if self.ca_file:
+            entry["ca_file"] = str(self.ca_file)
+        return entry
+
+
+def start_xapi(
+    state_dir: Path, certs: CertPaths | None, *, detach: bool = False, port: int = 0
+) -> RunningXapi:
+    """Start ``python -m migrate.lab.xapi_fake`` on 127.0.0.1 (HTTPS with ``certs``, HTTP without)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "migrate.lab.xapi_fake", "--state", str(state_dir), "--port", str(port)]
+    if certs is None:
+        cmd.append("--plain")
+    else:
+        cmd += ["--certs", str(certs.ca.parent)]
+    with open(state_dir / "xapi.log", "ab") as log_out:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_out, start_new_session=detach
+        )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    proc.stdout.close()
+    if not line:
+        proc.wait(timeout=10)
+        tail = (state_dir / "xapi.log").read_text(errors="replace")[-3000:]
+        raise LabError(f"the XAPI fake exited with code {proc.returncode} before listening:\n{tail}")
+    ready = json.loads(line)
+    (state_dir / "xapi.pid").write_text(f"{proc.pid}\n")
+    return RunningXapi(
+        url=ready["url"],
+        port=int(ready["port"]),
+        user="root",
+        password_file=state_dir / "root.password",
+        ca_file=certs.ca if certs else None,
+        state_dir=state_dir,
+        pid=proc.pid,
+        control_secret_file=state_dir / "control.secret",
+        process=None if detach else proc,
+    )
