@@ -223,11 +223,11 @@ def _start_proxmox(directory: Path, tls: certs.CertPaths, started: _Started,
 
 def _start_xcpng(directory: Path, tls: certs.CertPaths, started: _Started,
                  progress: Callable[[str], None]) -> None:
-    from migrate.lab.xapi_fake import start_detached
+    from migrate.lab.xapi_fake.launch import start_xapi
 
-    xapi = start_detached(directory / "xapi", tls)
+    xapi = start_xapi(directory / "xapi", tls, detach=True)
     started.stoppers.append(xapi.stop)
-    started.services.append(Service("xapi-fake", xapi.pid, xapi.host, xapi.port, xapi.url))
+    started.services.append(Service("xapi-fake", xapi.pid, "127.0.0.1", xapi.port, xapi.url))
     progress(f"XAPI fake (XCP-ng) on {xapi.url}")
     started.inventory["targets"]["lab-xcp"] = xapi.inventory_entry()
 
