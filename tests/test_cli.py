@@ -16,8 +16,9 @@ from migrate.cli import main
 
 def _run(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, MIGRATE_STATE_DIR=str(tmp_path))
-    return subprocess.run([sys.executable, "-m", "migrate", *args], capture_output=True, text=True,
-                          env=env, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "migrate", *args], capture_output=True, text=True, env=env, timeout=60
+    )
 
 
 def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:

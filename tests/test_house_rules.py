@@ -14,8 +14,18 @@ ROOT = SRC.parents[1]
 
 # Pure layers: no SDK, no connectors, no I/O libraries (STYLE.md, "Rule of imports").
 PURE = ["model.py", "planner.py", "plan.py", "mapping.py", "playbook.py", "disks/formats.py", "disks/vmdk.py"]
-FORBIDDEN = ("pyVmomi", "pyVim", "proxmoxer", "XenAPI", "paramiko", "requests", "migrate.connectors",
-             "migrate.executor", "subprocess", "socket")
+FORBIDDEN = (
+    "pyVmomi",
+    "pyVim",
+    "proxmoxer",
+    "XenAPI",
+    "paramiko",
+    "requests",
+    "migrate.connectors",
+    "migrate.executor",
+    "subprocess",
+    "socket",
+)
 
 
 def _imports(path: Path) -> set[str]:
@@ -52,6 +62,8 @@ def test_ruff_is_clean() -> None:
     """ruff finds nothing in the sources, tests and benchmarks."""
     proc = subprocess.run(
         [sys.executable, "-m", "ruff", "check", "--no-cache", "src", "tests", "benchmarks"],
-        cwd=ROOT, capture_output=True, text=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -89,13 +89,18 @@ def test_example_inventory_is_valid(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     assert "s3cr3t-t0ken-value" not in repr(inv)
 
 
-@pytest.mark.parametrize("name", ["01_literal_password.yaml", "04_port_range.yaml", "12_ssh_key_missing.yaml"])
+@pytest.mark.parametrize(
+    "name", ["01_literal_password.yaml", "04_port_range.yaml", "12_ssh_key_missing.yaml"]
+)
 def test_cli_exits_2_without_contacting_anything(name: str, tmp_path: Path) -> None:
     """`migrate discover` on a bad inventory prints file:line and exits 2 before any connection."""
     env = dict(os.environ, MIGRATE_TEST_PASSWORD="x", MIGRATE_STATE_DIR=str(tmp_path))
     proc = subprocess.run(
         [sys.executable, "-m", "migrate", "discover", "-i", str(BAD / name)],
-        capture_output=True, text=True, env=env, timeout=60,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
     assert proc.returncode == 2, proc.stderr
     line, path, _ = CASES[name]

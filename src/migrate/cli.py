@@ -6,6 +6,7 @@ failed or were blocked).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -88,8 +89,12 @@ def _configure_logging(state_dir: Path, verbose: bool) -> None:
 
     from migrate import log as migrate_log
 
-    migrate_log.configure(state_dir / "logs" / "migrate.jsonl", console=True,
-                          level="debug" if verbose else "info", console_level=None if verbose else "warning")
+    migrate_log.configure(
+        state_dir / "logs" / "migrate.jsonl",
+        console=True,
+        level="debug" if verbose else "info",
+        console_level=None if verbose else "warning",
+    )
     # Every log line carries an id; `run` replaces it with the run's own id.
     migrate_log.set_run(f"cli-{uuid.uuid4().hex[:12]}")
 
@@ -98,25 +103,38 @@ def _configure_logging(state_dir: Path, verbose: bool) -> None:
 
 
 @main.command()
-@click.option("-i", "--inventory", "inventory_path", required=True, type=click.Path(path_type=Path),
-              help="Inventory YAML naming the vSphere source(s).")
+@click.option(
+    "-i",
+    "--inventory",
+    "inventory_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Inventory YAML naming the vSphere source(s).",
+)
 @click.option("--source", help="Which source of the inventory (needed when it has several).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the discovered inventory to this file (JSON, or YAML by extension).")
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "yaml"]), default=None,
-              help="What to print: a table on a terminal, JSON otherwise.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the discovered inventory to this file (JSON, or YAML by extension).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "yaml"]),
+    default=None,
+    help="What to print: a table on a terminal, JSON otherwise.",
+)
 @handle_errors
 def discover(inventory_path: Path, source: str | None, output: Path | None, fmt: str | None) -> None:
     """Read every VM, host, datastore and network of a vSphere source (read only)."""
-    from migrate.connectors.vsphere import VsphereSource
+    from migrate.connect import discover_source
     from migrate.inventory import load_inventory
     from migrate.model import source_to_dict
     from migrate.render import inventory_table
 
     inventory = load_inventory(inventory_path)
-    name, spec = inventory.source(source)
-    with VsphereSource(name, spec) as vsphere:
-        found = vsphere.discover()
+    found = discover_source(inventory, source)
     data = source_to_dict(found)
     if output:
         output.write_text(_dump(data, "yaml" if output.suffix in (".yaml", ".yml") else "json"), "utf-8")
@@ -132,6 +150,328 @@ def _dump(data: Any, fmt: str) -> str:
     if fmt == "yaml":
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+# -- plan ------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "-i",
+    "--inventory",
+    "inventory_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Inventory YAML with the source and the targets.",
+)
+@click.option(
+    "-p",
+    "--playbook",
+    "playbook_path",
+    type=click.Path(path_type=Path),
+    help="Playbook YAML: what moves where, in which waves (not needed with --check).",
+)
+@click.option("--source", help="Which source of the inventory (default: the playbook's, or the only one).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the plan file here (default: print only the summary).",
+)
+@click.option(
+    "--check",
+    "check_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Re-read source and targets and report drift against this plan file.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "md", "html", "yaml"]),
+    default="table",
+    help="table: summary on the terminal; md/html: a document for a change board; yaml: the plan.",
+)
+@handle_errors
+def plan(
+    inventory_path: Path,
+    playbook_path: Path | None,
+    source: str | None,
+    output: Path | None,
+    check_path: Path | None,
+    fmt: str,
+) -> None:
+    """Plan a migration (read only): decide target, node, storage and config for every VM.
+
+    Exits 0 when every selected VM is planned, 3 when some are blocked (each with its reason and a fix).
+    """
+    from migrate import plan as plan_file
+    from migrate.connect import discover_source, playbook_targets, snapshot_targets
+    from migrate.inventory import load_inventory
+    from migrate.planner import build_plan
+    from migrate.playbook import load_playbook
+
+    inventory = load_inventory(inventory_path)
+    if check_path:
+        existing = plan_file.load_plan(check_path)
+        source_inv = discover_source(inventory, source or existing.inputs.source)
+        targets = snapshot_targets(inventory, [t.name for t in existing.targets])
+        items = plan_file.drift(existing, source_inv, targets)
+        _print_drift(check_path, items)
+        raise SystemExit(EXIT_PARTIAL if items else EXIT_OK)
+    if playbook_path is None:
+        raise click.UsageError("give -p/--playbook (or --check PLAN)")
+    book = load_playbook(playbook_path)
+    source_inv = discover_source(inventory, source or book.source)
+    targets = snapshot_targets(inventory, playbook_targets(book), playbook_file=str(playbook_path))
+    result = build_plan(source_inv, book, targets, inventory_file=str(inventory_path))
+    text = plan_file.dump_plan(result)
+    if output:
+        output.write_text(text, encoding="utf-8")
+    _show_plan(result, fmt, text)
+    if output:
+        _stderr().print(
+            f"plan written to {output} (hash {plan_file.content_hash(result)[7:19]}); "
+            f"review it, then: migrate run {output}"
+        )
+    raise SystemExit(EXIT_PARTIAL if result.blocked else EXIT_OK)
+
+
+def _show_plan(result: Any, fmt: str, text: str) -> None:
+    from migrate.plan_render import render
+    from migrate.render import plan_tables
+
+    if fmt == "yaml":
+        click.echo(text, nl=False)
+    elif fmt in ("md", "html"):
+        click.echo(render(result, fmt))
+    else:
+        console = _stdout()
+        for table in plan_tables(result):
+            console.print(table)
+
+
+def _print_drift(path: Path, items: list[Any]) -> None:
+    console = _stdout()
+    if not items:
+        console.print(f"no drift: source and targets still match {path}")
+        return
+    console.print(f"[bold yellow]{len(items)} change(s) since {path} was made[/]; re-run `migrate plan`:")
+    for item in items:
+        console.print(f"  - {item.kind}: {item.vm or item.target}: {item.message}", markup=False)
+
+
+# -- run, resume, status, report, rollback -----------------------------------------------------
+
+
+def _store(obj: dict[str, Any]) -> Any:
+    from migrate.executor.state import StateStore
+
+    return StateStore(obj["state_dir"])
+
+
+def _inventory_for(plan_obj: Any, inventory_path: Path | None) -> Any:
+    from migrate.inventory import load_inventory
+
+    path = inventory_path or (
+        Path(plan_obj.inputs.inventory_file) if plan_obj.inputs.inventory_file else None
+    )
+    if path is None:
+        raise click.UsageError("the plan does not say which inventory it was made with; give -i INVENTORY")
+    return load_inventory(path)
+
+
+def _execute(
+    obj: dict[str, Any], plan_path: Path, plan_obj: Any, inventory: Any, run_id: str | None, *, fresh: bool
+) -> int:
+    from migrate import log as migrate_log
+    from migrate.connect import ExecutionServices
+    from migrate.executor.fromplan import options_from_plan, work_from_plan
+    from migrate.executor.runner import Runner
+    from migrate.executor.steps import STEPS
+    from migrate.report import run_table
+
+    store = _store(obj)
+    run_id = store.choose_run_id(plan_obj.content_hash, run_id, fresh=fresh)
+    migrate_log.configure(
+        store.run_dir(run_id),
+        console=True,
+        level="debug" if obj["verbose"] else "info",
+        console_level=None if obj["verbose"] else "warning",
+    )
+    options = dataclasses.replace(options_from_plan(plan_obj), staging_dir=store.run_dir(run_id) / "staging")
+    with ExecutionServices(inventory, plan_obj.inputs.source, staging_dir=options.staging_dir) as services:
+        runner = Runner(store, STEPS, services.for_vm, options=options)
+        summary = runner.run(work_from_plan(plan_obj), plan_path=str(plan_path), run_id=run_id)
+    _stdout().print(run_table(store, summary.run_id))
+    code = int(summary.exit_code)
+    if code:
+        _stderr().print(
+            f"run {summary.run_id}: {len(summary.failed)} VM(s) failed; fix the cause, then "
+            f"`migrate resume {summary.run_id}` (or `migrate rollback {summary.run_id}`)"
+        )
+    return code
+
+
+@main.command()
+@click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "-i",
+    "--inventory",
+    "inventory_path",
+    type=click.Path(path_type=Path),
+    help="Inventory to use (default: the one the plan was made with).",
+)
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation after showing the plan.")
+@click.pass_obj
+@handle_errors
+def run(obj: dict[str, Any], plan_path: Path, inventory_path: Path | None, yes: bool) -> None:
+    """Execute exactly the reviewed PLAN: shown first, refused if altered or if the world drifted.
+
+    A plan whose run finished is not run again (exit 0). A plan whose run failed or was killed
+    continues only with `migrate resume RUN`.
+    """
+    from migrate.connect import discover_source, snapshot_targets
+    from migrate.errors import PlanError
+    from migrate.plan import drift, load_plan
+    from migrate.render import plan_tables
+
+    plan_obj = load_plan(plan_path)
+    for table in plan_tables(plan_obj):
+        _stdout().print(table)
+    store = _store(obj)
+    previous = [r for r in store.runs(plan_obj.content_hash) if r.status != "rolled-back"]
+    if previous:
+        latest = previous[-1]
+        if latest.status == "done":
+            _stderr().print(f"plan already carried out by run {latest.id}; nothing to do")
+            raise SystemExit(EXIT_OK)
+        raise PlanError(
+            f"run {latest.id} of this plan is {latest.status}",
+            hint=f"continue it with `migrate resume {latest.id}`, or undo it with "
+            f"`migrate rollback {latest.id}` before running the plan again",
+        )
+    if not plan_obj.vms:
+        raise PlanError(
+            f"{plan_path} has no VM to migrate (all blocked or none selected)",
+            hint="fix the blockers listed by `migrate plan`, then plan again",
+        )
+    inventory = _inventory_for(plan_obj, inventory_path)
+    source_inv = discover_source(inventory, plan_obj.inputs.source)
+    items = drift(plan_obj, source_inv, snapshot_targets(inventory, [t.name for t in plan_obj.targets]))
+    if items:
+        _print_drift(plan_path, items)
+        raise PlanError(
+            f"{plan_path} no longer matches the source or targets ({len(items)} change(s))",
+            hint="re-run `migrate plan` and review the new plan",
+        )
+    if not yes and sys.stdin.isatty() and not click.confirm("Run this plan?", default=False):
+        raise SystemExit(EXIT_OK)
+    raise SystemExit(_execute(obj, plan_path, plan_obj, inventory, None, fresh=True))
+
+
+@main.command()
+@click.argument("run_id", metavar="RUN")
+@click.option(
+    "-i",
+    "--inventory",
+    "inventory_path",
+    type=click.Path(path_type=Path),
+    help="Inventory to use (default: the one the plan was made with).",
+)
+@click.pass_obj
+@handle_errors
+def resume(obj: dict[str, Any], run_id: str, inventory_path: Path | None) -> None:
+    """Continue a failed or killed run where it stopped; finished steps are never repeated."""
+    from migrate.errors import PlanError
+    from migrate.plan import load_plan
+
+    store = _store(obj)
+    row = store.run(run_id)
+    if row is None:
+        known = ", ".join(r.id for r in store.runs()[-5:]) or "none"
+        raise PlanError(
+            f"no run {run_id!r} in {obj['state_dir']}", hint=f"`migrate status` lists runs ({known})"
+        )
+    plan_obj = load_plan(row.plan_path)
+    if plan_obj.content_hash != row.plan_hash:
+        raise PlanError(
+            f"{row.plan_path} changed since run {run_id} started",
+            hint="restore the plan file the run was started with",
+        )
+    inventory = _inventory_for(plan_obj, inventory_path)
+    raise SystemExit(_execute(obj, Path(row.plan_path), plan_obj, inventory, run_id, fresh=False))
+
+
+@main.command()
+@click.argument("run_id", metavar="[RUN]", required=False)
+@click.pass_obj
+@handle_errors
+def status(obj: dict[str, Any], run_id: str | None) -> None:
+    """List runs, or show one run: per VM its step, bytes moved and errors."""
+    from migrate.report import run_table, runs_table
+
+    store = _store(obj)
+    _stdout().print(run_table(store, run_id) if run_id else runs_table(store))
+
+
+@main.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--format", "fmt", type=click.Choice(["md", "html", "json"]), default="md")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to this file.")
+@click.pass_obj
+@handle_errors
+def report(obj: dict[str, Any], run_id: str, fmt: str, output: Path | None) -> None:
+    """A report of RUN: what moved, timings, throughput, warnings and errors."""
+    from migrate.report import run_report
+
+    text = run_report(_store(obj), run_id, fmt)
+    if output:
+        output.write_text(text, encoding="utf-8")
+        _stderr().print(f"report written to {output}")
+    else:
+        click.echo(text)
+
+
+@main.command()
+@click.argument("run_id", metavar="RUN")
+@click.option(
+    "--vm", "vm_names", multiple=True, help="Only this VM (repeatable); default: every VM of the run."
+)
+@click.option(
+    "-i",
+    "--inventory",
+    "inventory_path",
+    type=click.Path(path_type=Path),
+    help="Inventory to use (default: the one the plan was made with).",
+)
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+@handle_errors
+def rollback(
+    obj: dict[str, Any], run_id: str, vm_names: tuple[str, ...], inventory_path: Path | None, yes: bool
+) -> None:
+    """Remove what RUN created on the targets and restore the source VMs' power state.
+
+    Only objects carrying the run's tag are removed; nothing else on a target is touched.
+    """
+    from migrate.connect import ExecutionServices
+    from migrate.errors import PlanError
+    from migrate.executor.rollback import roll_back
+    from migrate.plan import load_plan
+
+    store = _store(obj)
+    row = store.run(run_id)
+    if row is None:
+        raise PlanError(f"no run {run_id!r} in {obj['state_dir']}", hint="`migrate status` lists runs")
+    plan_obj = load_plan(row.plan_path)
+    inventory = _inventory_for(plan_obj, inventory_path)
+    if not yes and sys.stdin.isatty() and not click.confirm(f"Roll back run {run_id}?", default=False):
+        raise SystemExit(EXIT_OK)
+    with ExecutionServices(inventory, plan_obj.inputs.source, staging_dir=store.run_dir(run_id)) as services:
+        result = roll_back(store, run_id, plan_obj, services, only=vm_names)
+    for line in result.lines:
+        _stdout().print(line, markup=False)
+    raise SystemExit(EXIT_OK if result.ok else EXIT_PARTIAL)
 
 
 # -- lab ---------------------------------------------------------------------------------------

@@ -26,7 +26,9 @@ def _secret(value: Any, info: pydantic.ValidationInfo) -> Secret:
     return secrets.resolve(value, Path(base) if base else None)
 
 
-SecretRef = Annotated[Secret, pydantic.BeforeValidator(_secret), pydantic.PlainSerializer(lambda s: s.reference)]
+SecretRef = Annotated[
+    Secret, pydantic.BeforeValidator(_secret), pydantic.PlainSerializer(lambda s: s.reference)
+]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
@@ -48,7 +50,9 @@ class TlsOptions(_Spec):
         if not path.is_absolute() and base:
             path = Path(base) / path
         if not path.is_file():
-            raise ValueError(f"CA file {path} does not exist; give the PEM file of the CA that signed the server")
+            raise ValueError(
+                f"CA file {path} does not exist; give the PEM file of the CA that signed the server"
+            )
         return path
 
 
@@ -140,12 +144,19 @@ class Inventory(_Spec):
         if name is None:
             if len(self.sources) != 1:
                 names = ", ".join(self.sources) or "none"
-                raise ConfigError(Problem(self.file, None, "$.sources",
-                                          f"choose a source with --source (defined: {names})"))
+                raise ConfigError(
+                    Problem(self.file, None, "$.sources", f"choose a source with --source (defined: {names})")
+                )
             return next(iter(self.sources.items()))
         if name not in self.sources:
-            raise ConfigError(Problem(self.file, None, f"$.sources.{name}",
-                                      f"no such source; defined: {', '.join(self.sources) or 'none'}"))
+            raise ConfigError(
+                Problem(
+                    self.file,
+                    None,
+                    f"$.sources.{name}",
+                    f"no such source; defined: {', '.join(self.sources) or 'none'}",
+                )
+            )
         return name, self.sources[name]
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from rich.table import Table
 
 from migrate.model import SourceInventory, Vm
+from migrate.plan import Plan
+from migrate.plan_render import summarize
 
 GIB = 1024**3
 
@@ -44,3 +46,40 @@ def inventory_table(inventory: SourceInventory) -> Table:
             ", ".join(notes),
         )
     return table
+
+
+def plan_tables(plan: Plan) -> list[Table]:
+    """What `migrate plan` and `migrate run` show: VMs per wave and target, then blockers and warnings."""
+    summary = summarize(plan)
+    waves = Table(
+        title=f"plan {summary.playbook} ({summary.content_hash[:12]}): {summary.total_vms} VMs, "
+        f"{summary.total_gib:.1f} GiB, {summary.blocked_vms} blocked",
+        title_justify="left",
+    )
+    for column in ("wave", "concurrency", "target", "VMs", "GiB", "memory MiB"):
+        waves.add_column(
+            column, justify="right" if column in ("concurrency", "VMs", "GiB", "memory MiB") else "left"
+        )
+    for row in summary.rows:
+        waves.add_row(
+            row.wave,
+            str(row.concurrency),
+            row.target or "-",
+            str(row.vms),
+            f"{row.disk_bytes / GIB:.1f}",
+            str(row.memory_mib),
+        )
+    tables = [waves]
+    for title, rows, style in (
+        ("blocked", summary.blockers, "red"),
+        ("warnings", summary.warnings, "yellow"),
+    ):
+        if not rows:
+            continue
+        table = Table(title=f"[{style}]{title}[/]", title_justify="left")
+        for column in ("VM", "code", "why", "fix"):
+            table.add_column(column, overflow="fold")
+        for issue in rows:
+            table.add_row(issue.vm, issue.code, issue.message, issue.hint)
+        tables.append(table)
+    return tables

@@ -47,7 +47,9 @@ def format_path(path: Iterable[str | int]) -> str:
     return out
 
 
-def _walk(node: yaml.Node, path: PathKey, lines: dict[PathKey, int], problems: list[Problem], file: str) -> Any:
+def _walk(
+    node: yaml.Node, path: PathKey, lines: dict[PathKey, int], problems: list[Problem], file: str
+) -> Any:
     lines[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
@@ -55,8 +57,12 @@ def _walk(node: yaml.Node, path: PathKey, lines: dict[PathKey, int], problems: l
             key = yaml.safe_load(yaml.serialize(key_node))
             if key in out:
                 problems.append(
-                    Problem(file, key_node.start_mark.line + 1, format_path((*path, key)),
-                            "duplicate key; YAML would silently keep only the last one, remove one of them")
+                    Problem(
+                        file,
+                        key_node.start_mark.line + 1,
+                        format_path((*path, key)),
+                        "duplicate key; YAML would silently keep only the last one, remove one of them",
+                    )
                 )
             out[key] = _walk(value_node, (*path, key), lines, problems, file)
             lines[(*path, key)] = key_node.start_mark.line + 1
@@ -107,10 +113,15 @@ def _message(err: Any) -> str:
     if kind == "union_tag_invalid":
         ctx = err.get("ctx", {})
         expected = str(ctx.get("expected_tags", "")).replace("'", "")
-        return f"unknown {ctx.get('discriminator', 'type').strip(chr(39))} {ctx.get('tag')!r}; use one of: {expected}"
+        field = str(ctx.get("discriminator", "type")).strip("'")
+        return f"unknown {field} {ctx.get('tag')!r}; use one of: {expected}"
     msg = str(err["msg"])
     msg = msg.removeprefix("Value error, ")
-    if kind not in ("value_error", "assertion_error") and given is not None and not isinstance(given, dict | list):
+    if (
+        kind not in ("value_error", "assertion_error")
+        and given is not None
+        and not isinstance(given, dict | list)
+    ):
         msg += f" (got {given!r})"
     return msg
 
@@ -120,9 +131,9 @@ def _data_path(data: Any, loc: Sequence[str | int]) -> list[str | int]:
     out: list[str | int] = []
     current = data
     for part in loc:
-        if isinstance(part, str) and isinstance(current, dict) and part not in current:
-            if current.get("type") == part or part.startswith("function-"):
-                continue  # a discriminated union's tag, e.g. 'proxmox' in $.targets.pve.proxmox.port
+        not_in_file = isinstance(part, str) and isinstance(current, dict) and part not in current
+        if not_in_file and (current.get("type") == part or str(part).startswith("function-")):
+            continue  # a discriminated union's tag, e.g. 'proxmox' in $.targets.pve.proxmox.port
         out.append(part)
         try:
             current = current[part]

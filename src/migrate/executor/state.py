@@ -42,8 +42,8 @@ log = structlog.get_logger(__name__)
 SCHEMA_VERSION: Final = 1
 DB_NAME: Final = "state.db"
 
-RunStatus = Literal["running", "done", "partial", "failed", "interrupted"]
-VmStatus = Literal["pending", "running", "done", "failed"]
+RunStatus = Literal["running", "done", "partial", "failed", "interrupted", "rolled-back"]
+VmStatus = Literal["pending", "running", "done", "failed", "rolled-back"]
 StepStatus = Literal["pending", "running", "done", "failed", "noop"]
 IntentStatus = Literal["open", "done", "failed"]
 FINISHED: Final = ("done", "noop")

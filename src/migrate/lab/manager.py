@@ -179,8 +179,13 @@ def up(
     return status(state_dir)
 
 
-def _start_vsphere(directory: Path, tls: certs.CertPaths, estate_file: Path, started: _Started,
-                   progress: Callable[[str], None]) -> None:
+def _start_vsphere(
+    directory: Path,
+    tls: certs.CertPaths,
+    estate_file: Path,
+    started: _Started,
+    progress: Callable[[str], None],
+) -> None:
     from migrate.lab.seeder import seed_vcsim
 
     password = secrets.token_urlsafe(18)
@@ -196,8 +201,9 @@ def _start_vsphere(directory: Path, tls: certs.CertPaths, estate_file: Path, sta
     started.stoppers.append(server.stop)
     started.services.append(Service("vcsim", server.process.pid, server.host, server.port, server.url))
     progress(f"vcsim (vSphere) on {server.url}; seeding the sample estate")
-    seeded = seed_vcsim(server, load_estate(estate_file), ca_file=tls.ca, user=VSPHERE_USER,
-                        password=password)
+    seeded = seed_vcsim(
+        server, load_estate(estate_file), ca_file=tls.ca, user=VSPHERE_USER, password=password
+    )
     write_seeded(seeded, directory / "estate.json")
     started.inventory["sources"]["lab-vcsim"] = {
         "type": "vsphere", "host": server.host, "port": server.port, "user": VSPHERE_USER,
@@ -205,15 +211,24 @@ def _start_vsphere(directory: Path, tls: certs.CertPaths, estate_file: Path, sta
     }  # fmt: skip
 
 
-def _start_proxmox(directory: Path, tls: certs.CertPaths, started: _Started,
-                   progress: Callable[[str], None]) -> None:
+def _start_proxmox(
+    directory: Path, tls: certs.CertPaths, started: _Started, progress: Callable[[str], None]
+) -> None:
     from migrate.lab.pve import start_pve
     from migrate.lab.sshd import start_sshd
 
     sshd = start_sshd(directory / "node-ssh", detach=True)
     started.stoppers.append(sshd.stop)
-    started.services.append(Service("sshd", sshd.pid, sshd.host, sshd.port, f"ssh://{sshd.host}:{sshd.port}",
-                                    pid_file=str(sshd.pid_file)))
+    started.services.append(
+        Service(
+            "sshd",
+            sshd.pid,
+            sshd.host,
+            sshd.port,
+            f"ssh://{sshd.host}:{sshd.port}",
+            pid_file=str(sshd.pid_file),
+        )
+    )
     pve = start_pve(directory / "pve", tls, detach=True)
     started.stoppers.append(pve.stop)
     started.services.append(Service("fakepve", pve.pid, pve.host, pve.port, pve.url))
@@ -221,8 +236,9 @@ def _start_proxmox(directory: Path, tls: certs.CertPaths, started: _Started,
     started.inventory["targets"]["lab-pve"] = pve.inventory_entry(sshd)
 
 
-def _start_xcpng(directory: Path, tls: certs.CertPaths, started: _Started,
-                 progress: Callable[[str], None]) -> None:
+def _start_xcpng(
+    directory: Path, tls: certs.CertPaths, started: _Started, progress: Callable[[str], None]
+) -> None:
     from migrate.lab.xapi_fake.launch import start_xapi
 
     xapi = start_xapi(directory / "xapi", tls, detach=True)

@@ -130,9 +130,7 @@ class RunningVcsim:
 def start(opts: VcsimOptions, *, detach: bool = False, log_path: Path | None = None) -> RunningVcsim:
     """Start vcsim and wait until it prints its URL (it listens before printing)."""
     stderr = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
-    proc = subprocess.Popen(
-        command(opts), stdout=subprocess.PIPE, stderr=stderr, start_new_session=detach
-    )
+    proc = subprocess.Popen(command(opts), stdout=subprocess.PIPE, stderr=stderr, start_new_session=detach)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line:

@@ -1,0 +1,238 @@
+"""The disk pipeline as the steps call it (``steps.DiskMover``), over the Source and Target protocols.
+
+Two paths, chosen by the disk:
+
+* **Streamed** (a flat disk without snapshots, the common case): the flat extent is read from
+  the datastore with HTTP Range from the resume offset and written straight into the target's
+  landing; no local copy. The reader runs in its own thread a few chunks ahead, so reading and
+  writing overlap with bounded memory.
+* **Staged** (a snapshot chain or a sparse extent): ``export`` downloads the chain's descriptors
+  and extents (each resumable by byte offset) into the run's staging directory, ``convert``
+  consolidates them with qemu-img into one sparse raw image, and ``send`` streams that.
+
+The sha256 of the guest-visible bytes is computed while sending; after a resume the bytes
+before the offset are hashed again from the source (read only), so the digest always covers
+the whole disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import structlog
+
+from migrate.connectors.base import DatastoreFile, DiskLanding, DiskReader, DiskSpec, Source, VmSpec
+from migrate.disks import qemu
+from migrate.disks.vmdk import parse_descriptor
+from migrate.errors import PermanentError
+from migrate.executor.steps import Changed, Noop, Outcome, Sent, StepContext
+
+log = structlog.get_logger(__name__)
+
+CHUNK = 8 << 20
+PROGRESS_EVERY = 64 << 20
+AHEAD = 4  # chunks read ahead of the writer: memory stays at ~(AHEAD + 2) x CHUNK
+
+
+def _basename(path: str) -> str:
+    return path.split("]", 1)[-1].strip().rsplit("/", 1)[-1]
+
+
+class PipelineMover:
+    def __init__(self, staging_dir: Path) -> None:
+        self._staging = staging_dir
+
+    # -- staging (chains) ---------------------------------------------------------------------
+
+    def _dir(self, vm: VmSpec, disk: DiskSpec) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{vm.key}-{disk.key}")
+        return self._staging / safe
+
+    def _image(self, vm: VmSpec, disk: DiskSpec) -> Path:
+        return self._dir(vm, disk) / "consolidated.raw"
+
+    def export(self, ctx: StepContext[VmSpec], disk: DiskSpec) -> Outcome:
+        source = ctx.services.source
+        folder = self._dir(ctx.vm, disk)
+        folder.mkdir(parents=True, exist_ok=True)
+        fetched = 0
+        files = source.disk_files(ctx.vm, disk)
+        for file in files:
+            local = folder / _basename(file.path)
+            have = local.stat().st_size if local.exists() else 0
+            if have == file.size_bytes:
+                continue
+            if have > file.size_bytes:
+                local.unlink()
+                have = 0
+            reader = source.open_file(file, have)
+            try:
+                with open(local, "ab") as out:
+                    for chunk in _chunks(reader):
+                        out.write(chunk)
+                        fetched += len(chunk)
+            finally:
+                reader.close()
+            if local.stat().st_size != file.size_bytes:
+                raise PermanentError(
+                    f"{file.path}: got {local.stat().st_size} bytes, expected {file.size_bytes}",
+                    vm=ctx.vm.key,
+                    step=ctx.step,
+                    system=source.name,
+                    hint="the datastore file changed while copying; check the source VM is off, then resume",
+                )
+        if not fetched:
+            return Noop(f"{len(files)} file(s) already staged")
+        return Changed({"files": len(files), "bytes": fetched})
+
+    def convert(self, ctx: StepContext[VmSpec], disk: DiskSpec) -> Outcome:
+        image = self._image(ctx.vm, disk)
+        done_marker = image.with_suffix(".done")
+        if done_marker.exists() and image.exists():
+            return Noop("chain already consolidated")
+        top = self._dir(ctx.vm, disk) / _basename(disk.source_path)
+        descriptor = parse_descriptor(top.read_bytes(), where=str(top))
+        partial = image.with_suffix(".partial")
+        qemu.convert_image(top, partial, source_format="vmdk", target_format="raw")
+        info = qemu.image_info(partial, "raw")
+        if info.virtual_size != disk.size_bytes:
+            raise PermanentError(
+                f"consolidated {disk.label} is {info.virtual_size} bytes, the plan says {disk.size_bytes}",
+                vm=ctx.vm.key,
+                step=ctx.step,
+                hint="re-run migrate plan: the disk changed",
+            )
+        partial.rename(image)
+        done_marker.write_text(descriptor.create_type + "\n")
+        return Changed({"image": str(image), "bytes": info.virtual_size})
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def _open(self, ctx: StepContext[VmSpec], disk: DiskSpec, offset: int) -> DiskReader:
+        if disk.needs_staging:
+            handle = open(self._image(ctx.vm, disk), "rb")  # noqa: SIM115 - closed by the caller
+            handle.seek(offset)
+            return handle
+        files = ctx.services.source.disk_files(ctx.vm, disk)
+        return _Concatenated(ctx.services.source, list(files), offset)
+
+    def send(self, ctx: StepContext[VmSpec], disk: DiskSpec, landing: DiskLanding, offset: int) -> Sent:
+        digest = hashlib.sha256()
+        if offset:
+            prefix = self._open(ctx, disk, 0)
+            try:
+                remaining = offset
+                while remaining:
+                    chunk = prefix.read(min(CHUNK, remaining))
+                    if not chunk:
+                        break
+                    digest.update(chunk)
+                    remaining -= len(chunk)
+            finally:
+                prefix.close()
+        reader = self._open(ctx, disk, offset)
+        sink = ctx.services.target.receive_disk(landing, offset)
+        done, reported = offset, offset
+        try:
+            for chunk in _read_ahead(reader):
+                digest.update(chunk)
+                sink.write(chunk)
+                done += len(chunk)
+                if done - reported >= PROGRESS_EVERY:
+                    ctx.journal.transfer_progress(disk.key, done)
+                    reported = done
+            sink.close()
+        except BaseException:
+            sink.abort()
+            raise
+        finally:
+            reader.close()
+        if done != disk.size_bytes:
+            raise PermanentError(
+                f"{disk.label}: sent {done} bytes, the disk has {disk.size_bytes}",
+                vm=ctx.vm.key,
+                step=ctx.step,
+                hint="the source disk changed size; re-run migrate plan",
+            )
+        ctx.journal.transfer_progress(disk.key, done)
+        log.info("disk_sent", disk=disk.key, bytes=done - offset, resumed_from=offset)
+        return Sent(done, digest.hexdigest())
+
+
+class _Concatenated:
+    """The flat extents of one disk, read in order as one stream from ``offset``."""
+
+    def __init__(self, source: Source, files: list[DatastoreFile], offset: int) -> None:
+        self._source = source
+        self._files = files
+        self._index = 0
+        self._reader: DiskReader | None = None
+        skip = offset
+        while self._index < len(files) and skip >= files[self._index].size_bytes:
+            skip -= files[self._index].size_bytes
+            self._index += 1
+        self._first_offset = skip
+
+    def read(self, size: int = -1, /) -> bytes:
+        while self._index < len(self._files):
+            if self._reader is None:
+                self._reader = self._source.open_file(self._files[self._index], self._first_offset)
+                self._first_offset = 0
+            data = self._reader.read(size)
+            if data:
+                return data
+            self._reader.close()
+            self._reader = None
+            self._index += 1
+        return b""
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+
+
+def _chunks(reader: DiskReader) -> Iterator[bytes]:
+    while True:
+        chunk = reader.read(CHUNK)
+        if not chunk:
+            return
+        yield chunk
+
+
+def _read_ahead(reader: DiskReader) -> Iterator[bytes]:
+    """Chunks from ``reader``, read by a thread up to AHEAD chunks ahead of the consumer."""
+    slots: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=AHEAD)
+    stop = threading.Event()
+
+    def pump() -> None:
+        try:
+            for chunk in _chunks(reader):
+                while not stop.is_set():
+                    try:
+                        slots.put(chunk, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put(None)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            slots.put(exc)
+
+    thread = threading.Thread(target=pump, name="disk-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
