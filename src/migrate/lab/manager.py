@@ -43,6 +43,9 @@ class Service:
     url: str
     # How to stop it when the pid alone is not enough (a pid file a daemon rewrote, say).
     pid_file: str = ""
+    # The fake's control endpoint secret (fault injection, state), for tests and the demo.
+    control_secret_file: str = ""
+    node_root: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +145,7 @@ def up(
     state_dir: Path,
     *,
     estate_file: Path = DEFAULT_ESTATE,
+    inventory: Path | None = None,
     progress: Callable[[str], None] = lambda _: None,
 ) -> LabStatus:
     """Start the lab unless it already runs, seed the sample estate, write the lab inventory."""
@@ -165,7 +169,7 @@ def up(
             with contextlib.suppress(Exception):
                 stop()
         raise
-    target = inventory_path(state_dir)
+    target = inventory or inventory_path(state_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     header = "# Written by `migrate lab up` for the local lab on 127.0.0.1; `migrate lab down` removes it.\n"
     target.write_text(header + yaml.safe_dump(started.inventory, sort_keys=False, allow_unicode=True))
@@ -205,7 +209,7 @@ def _start_vsphere(
         server, load_estate(estate_file), ca_file=tls.ca, user=VSPHERE_USER, password=password
     )
     write_seeded(seeded, directory / "estate.json")
-    started.inventory["sources"]["lab-vcsim"] = {
+    started.inventory["sources"]["lab-vc"] = {
         "type": "vsphere", "host": server.host, "port": server.port, "user": VSPHERE_USER,
         "password": f"file:{password_file}", "ca_file": str(tls.ca),
     }  # fmt: skip
@@ -231,7 +235,17 @@ def _start_proxmox(
     )
     pve = start_pve(directory / "pve", tls, detach=True)
     started.stoppers.append(pve.stop)
-    started.services.append(Service("fakepve", pve.pid, pve.host, pve.port, pve.url))
+    started.services.append(
+        Service(
+            "fakepve",
+            pve.pid,
+            pve.host,
+            pve.port,
+            pve.url,
+            control_secret_file=str(pve.control_secret_file),
+            node_root=str(pve.node_root),
+        )
+    )
     progress(f"fakepve (Proxmox VE) on {pve.url}, node shell on ssh://{sshd.host}:{sshd.port}")
     started.inventory["targets"]["lab-pve"] = pve.inventory_entry(sshd)
 
@@ -243,9 +257,45 @@ def _start_xcpng(
 
     xapi = start_xapi(directory / "xapi", tls, detach=True)
     started.stoppers.append(xapi.stop)
-    started.services.append(Service("xapi-fake", xapi.pid, "127.0.0.1", xapi.port, xapi.url))
+    started.services.append(
+        Service(
+            "xapi-fake",
+            xapi.pid,
+            "127.0.0.1",
+            xapi.port,
+            xapi.url,
+            control_secret_file=str(xapi.control_secret_file),
+            node_root=str(xapi.state_dir),
+        )
+    )
     progress(f"XAPI fake (XCP-ng) on {xapi.url}")
     started.inventory["targets"]["lab-xcp"] = xapi.inventory_entry()
+
+
+def service(state_dir: Path, name: str) -> Service:
+    found = next((s for s in status(state_dir).services if s.name == name), None)
+    if found is None:
+        raise LabError(f"the lab has no {name} running", hint="run `migrate lab up`")
+    return found
+
+
+def control(state_dir: Path, name: str, action: str, **params: Any) -> Any:
+    """Call a lab fake's control endpoint (``fakepve`` or ``xapi-fake``): faults, state, requests."""
+    import requests
+
+    svc = service(state_dir, name)
+    secret = Path(svc.control_secret_file).read_text().strip()
+    ca_file = lab_dir(state_dir) / "tls" / "ca.pem"
+    resp = requests.post(
+        f"{svc.url.rstrip('/')}/_lab/{action}",
+        json=params,
+        verify=str(ca_file),
+        headers={"X-Lab-Control": secret},
+        timeout=60,
+    )
+    if resp.status_code != 200:
+        raise LabError(f"{name} control {action!r} refused ({resp.status_code}): {resp.text.strip()}")
+    return resp.json()["data"]
 
 
 def status_table(current: LabStatus) -> Table:
