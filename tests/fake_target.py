@@ -210,6 +210,9 @@ class _Sink:
         target.faults.leave("sink_write", self._landing.ref, {"offset": self.position})
         return len(data)
 
+    def flush(self) -> int:
+        return self.position
+
     def close(self) -> None:
         world = self._target.world
         world.landings[self._landing.ref]["complete"] = True
@@ -312,9 +315,9 @@ class FakeTarget:
     def create_vm(self, vm: VmSpec, intent: Intent) -> tuple[TargetVm, tuple[CreatedObject, ...]]:
         self.faults.enter("create_vm", vm.name, {"intent": intent})
         vmid = vm.vmid if vm.vmid is not None else self.world.next_vmid
+        while str(vmid) in self.world.vms:  # someone else's VM: never touched, the next free VMID is used
+            vmid = max(vmid + 1, self.world.next_vmid)
         intent.note("vmid", str(vmid))
-        if str(vmid) in self.world.vms:
-            raise PermanentError(f"VMID {vmid} is taken on {self._name}")
         self.world.next_vmid = max(self.world.next_vmid, vmid + 1)
         self.world.vms[str(vmid)] = {
             "name": vm.name,
@@ -456,6 +459,6 @@ class FakeMover:
             digest.update(chunk)
             done += len(chunk)
             self.sent_bytes += len(chunk)
-            ctx.journal.transfer_progress(disk.key, done)
+            ctx.journal.transfer_progress(disk.key, sink.flush())
         sink.close()
         return Sent(done, digest.hexdigest())

@@ -284,13 +284,18 @@ def test_preflight_refuses_a_foreign_vm_with_the_same_name(store: StateStore) ->
     assert not any(DB.key in k for k in world.effects) and world.source_power.get(DB.key) is None
 
 
-def test_preflight_refuses_a_taken_vmid(store: StateStore) -> None:
-    """A planned VMID already used by another VM fails preflight, naming it."""
+def test_a_taken_vmid_moves_to_a_free_one(store: StateStore) -> None:
+    """A planned VMID another VM took since planning is left alone; the VM gets a free VMID instead."""
     world = World()
     services, _, target, _ = wire(world)
     target.add_foreign_vm("legacy", 110)
     summary = run(store, services)
-    assert summary.failed[0].key == WEB.key and "'legacy' (110)" in (summary.failed[0].error or "")
+    assert summary.exit_code == 0
+    assert world.vms["110"] == {"name": "legacy", "node": "n1", "tags": [], "power": "on", "disks": {}, "macs": []}
+    web = [vmid for vmid, rec in world.vms.items() if rec["name"] == WEB.name]
+    assert web and web != ["110"]
+    notes = [i.notes for i in store.intents(summary.run_id) if i.kind == "create_vm" and i.vm == WEB.key]
+    assert notes and notes[-1]["vmid"] == web[0]
 
 
 def test_shutdown_policies_never_and_require_off(store: StateStore) -> None:

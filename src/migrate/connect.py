@@ -124,7 +124,7 @@ class ExecutionServices:
             if isinstance(spec, ProxmoxSpec):
                 from migrate.connectors.proxmox_target import ProxmoxExecTarget
 
-                cache[name] = self._enter(ProxmoxExecTarget(name, spec))
+                cache[name] = self._enter(ProxmoxExecTarget(name, spec, landing_storage=spec.landing_storage))
             else:
                 from migrate.connectors.xcpng import XcpngTarget
 

@@ -103,6 +103,8 @@ class ProxmoxSpec(TlsOptions):
     user: str | None = Field(default=None, pattern=r"^[^@\s]+@[^@\s]+$")
     password: SecretRef | None = None
     ssh: SshSpec
+    # Storage with 'import' content where disks land before import-from (default: chosen per node).
+    landing_storage: str = ""
 
     @pydantic.model_validator(mode="after")
     def _one_login(self) -> ProxmoxSpec:

@@ -81,6 +81,9 @@ class SourceFacts:
     disks: tuple[str, ...]  # "label|capacity|top-of-chain path" per disk
     nics: tuple[str, ...]  # "label|mac|network" per NIC
     fingerprint: str
+    # vSphere's config.instanceUuid: the executor refuses a VM at this moref with another uuid
+    # (re-registered, or an ESXi host reusing the moref). "" in plans written before it was kept.
+    instance_uuid: str = ""
 
 
 TransferMethod = Literal["ssh-import", "xapi-import-raw-vdi"]
@@ -338,6 +341,7 @@ def source_facts(vm: Vm, *, fingerprint: bool = True) -> SourceFacts:
         disks=tuple(f"{d.label}|{d.capacity_bytes}|{d.path}" for d in vm.disks),
         nics=tuple(f"{n.label}|{n.mac}|{n.network}" for n in vm.nics),
         fingerprint=digest,
+        instance_uuid=vm.instance_uuid,
     )
 
 

@@ -115,6 +115,9 @@ class VmSpec:
     disks: tuple[DiskSpec, ...] = ()
     nics: tuple[NicSpec, ...] = ()
     power_on: bool = True  # start it on the target once built
+    # The source VM's instance UUID as planned: the source connector refuses to touch a VM at
+    # ``source_moref`` whose uuid differs. "" (plans made before it was recorded) skips the check.
+    source_uuid: str = ""
 
     def setting(self, name: str) -> str | None:
         return dict(self.settings).get(name)
@@ -217,6 +220,10 @@ class DiskSink(Protocol):
     """Bytes into a landing. ``close`` completes it (and raises if the target refused); ``abort`` drops it."""
 
     def write(self, data: bytes, /) -> int: ...
+
+    def flush(self) -> int:
+        """Make what was written durable; return the offset a resume may safely start from."""
+        ...
 
     def close(self) -> None: ...
 

@@ -68,6 +68,10 @@ class VdiUpload:
             self._discard_task()
             raise self._error(exc) from None
 
+    def flush(self) -> int:
+        # An XAPI import cannot resume, so nothing short of the whole disk is durable.
+        return 0
+
     def write(self, data: bytes, /) -> int:
         if self.sent + len(data) > self.length:
             self.abort()

@@ -104,11 +104,17 @@ def boot_check(
 ) -> BootResult:
     """Boot ``image`` and return once ``expect`` is printed as a line; raise StepError otherwise."""
     if shutil.which(QEMU) is None:
-        raise StepError(f"cannot boot-check {image}: {QEMU} is not installed",
-                        step="boot_check", hint="apt-get install qemu-system-x86 ovmf")
+        raise StepError(
+            f"cannot boot-check {image}: {QEMU} is not installed",
+            step="boot_check",
+            hint="apt-get install qemu-system-x86 ovmf",
+        )
     if firmware == "efi" and not (OVMF_CODE.exists() and OVMF_VARS.exists()):
-        raise StepError(f"cannot boot-check {image} with UEFI: {OVMF_CODE} or {OVMF_VARS} is missing",
-                        step="boot_check", hint="apt-get install ovmf")
+        raise StepError(
+            f"cannot boot-check {image} with UEFI: {OVMF_CODE} or {OVMF_VARS} is missing",
+            step="boot_check",
+            hint="apt-get install ovmf",
+        )
     if not image.exists():
         raise StepError(f"cannot boot-check {image}: no such file", step="boot_check")
 

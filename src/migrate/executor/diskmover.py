@@ -34,7 +34,9 @@ from migrate.executor.steps import Changed, Noop, Outcome, Sent, StepContext
 log = structlog.get_logger(__name__)
 
 CHUNK = 8 << 20
-PROGRESS_EVERY = 64 << 20
+# A flush makes the landing durable (Proxmox: fsync on the node) and is what a resume trusts;
+# it also ends the SSH stream, so not too often.
+FLUSH_EVERY = 1 << 30
 AHEAD = 4  # chunks read ahead of the writer: memory stays at ~(AHEAD + 2) x CHUNK
 
 
@@ -142,9 +144,9 @@ class PipelineMover:
                 digest.update(chunk)
                 sink.write(chunk)
                 done += len(chunk)
-                if done - reported >= PROGRESS_EVERY:
-                    ctx.journal.transfer_progress(disk.key, done)
+                if done - reported >= FLUSH_EVERY:
                     reported = done
+                    ctx.journal.transfer_progress(disk.key, sink.flush())
             sink.close()
         except BaseException:
             sink.abort()

@@ -76,6 +76,7 @@ def vm_spec(plan: Plan, vm: VmPlan) -> VmSpec:
         name=vm.name,
         source=plan.inputs.source,
         source_moref=vm.source.moref,
+        source_uuid=vm.source.instance_uuid,
         source_name=vm.source.name,
         datacenter=vm.source.datacenter,
         target=vm.target,

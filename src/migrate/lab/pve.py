@@ -39,7 +39,7 @@ MIGRATE_PRIVILEGES = (
     "Datastore.Allocate", "Datastore.AllocateSpace", "Datastore.AllocateTemplate", "Datastore.Audit",
     "Pool.Audit", "SDN.Audit", "SDN.Use", "Sys.Audit", "VM.Allocate", "VM.Audit", "VM.Config.CDROM",
     "VM.Config.CPU", "VM.Config.Cloudinit", "VM.Config.Disk", "VM.Config.HWType", "VM.Config.Memory",
-    "VM.Config.Network", "VM.Config.Options", "VM.PowerMgmt",
+    "VM.Config.Network", "VM.Config.Options", "VM.GuestAgent.Audit", "VM.PowerMgmt",
 )  # fmt: skip
 
 
