@@ -163,7 +163,7 @@ CREATE TABLE runs (
     id TEXT PRIMARY KEY,
     plan_hash TEXT NOT NULL,
     plan_path TEXT NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('running', 'done', 'partial', 'failed', 'interrupted')),
+    status TEXT NOT NULL CHECK (status IN ('running', 'done', 'partial', 'failed', 'interrupted', 'rolled-back')),
     started TEXT NOT NULL,
     ended TEXT
 );
@@ -173,7 +173,7 @@ CREATE TABLE vms (
     vm TEXT NOT NULL,
     name TEXT NOT NULL,
     wave INTEGER NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'done', 'failed')),
+    status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'done', 'failed', 'rolled-back')),
     phase TEXT NOT NULL DEFAULT '',
     error TEXT,
     updated TEXT NOT NULL,
