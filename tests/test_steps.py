@@ -291,7 +291,8 @@ def test_a_taken_vmid_moves_to_a_free_one(store: StateStore) -> None:
     target.add_foreign_vm("legacy", 110)
     summary = run(store, services)
     assert summary.exit_code == 0
-    assert world.vms["110"] == {"name": "legacy", "node": "n1", "tags": [], "power": "on", "disks": {}, "macs": []}
+    legacy = {"name": "legacy", "node": "n1", "tags": [], "power": "on", "disks": {}, "macs": []}
+    assert world.vms["110"] == legacy
     web = [vmid for vmid, rec in world.vms.items() if rec["name"] == WEB.name]
     assert web and web != ["110"]
     notes = [i.notes for i in store.intents(summary.run_id) if i.kind == "create_vm" and i.vm == WEB.key]

@@ -29,6 +29,7 @@ import requests
 import structlog
 import urllib3.exceptions
 
+from migrate import failpoints
 from migrate.errors import (
     AuthError,
     ConnectorError,
@@ -203,6 +204,7 @@ class PveApi:
         status: dict[str, Any] = {}
         last_error: TransientError | None = None
         while time.monotonic() - started < timeout:
+            failpoints.reached("task-wait")
             try:
                 status = self.get(f"nodes/{node}/tasks/{upid}/status")
                 last_error = None

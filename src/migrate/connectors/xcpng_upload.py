@@ -17,6 +17,7 @@ from typing import Any, Final, Literal
 
 import structlog
 
+from migrate import failpoints
 from migrate.connectors.xcpng_session import XapiSession, failure, translate
 from migrate.errors import PermanentError, TransientError
 
@@ -87,6 +88,7 @@ class VdiUpload:
             self.abort()
             raise error from None
         self.sent += len(data)
+        failpoints.reached("xapi-upload-chunk")
         return len(data)
 
     def close(self) -> None:

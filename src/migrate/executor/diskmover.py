@@ -25,6 +25,7 @@ from pathlib import Path
 
 import structlog
 
+from migrate import failpoints
 from migrate.connectors.base import DatastoreFile, DiskLanding, DiskReader, DiskSpec, Source, VmSpec
 from migrate.disks import qemu
 from migrate.disks.vmdk import parse_descriptor
@@ -144,6 +145,7 @@ class PipelineMover:
                 digest.update(chunk)
                 sink.write(chunk)
                 done += len(chunk)
+                failpoints.reached("transfer-chunk")
                 if done - reported >= FLUSH_EVERY:
                     reported = done
                     ctx.journal.transfer_progress(disk.key, sink.flush())

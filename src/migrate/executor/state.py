@@ -34,6 +34,7 @@ from typing import Any, Final, Literal
 
 import structlog
 
+from migrate import failpoints
 from migrate.connectors.base import CreatedObject, DiskLanding, Intent
 from migrate.errors import MigrateError, PlanError
 
@@ -163,7 +164,8 @@ CREATE TABLE runs (
     id TEXT PRIMARY KEY,
     plan_hash TEXT NOT NULL,
     plan_path TEXT NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('running', 'done', 'partial', 'failed', 'interrupted', 'rolled-back')),
+    status TEXT NOT NULL
+        CHECK (status IN ('running', 'done', 'partial', 'failed', 'interrupted', 'rolled-back')),
     started TEXT NOT NULL,
     ended TEXT
 );
@@ -435,6 +437,7 @@ class StateStore:
                 "WHERE run_id = ? AND vm = ? AND step = ?",
                 (status, self._now(), json.dumps(detail, sort_keys=True, default=str), run_id, vm, step),
             )
+        failpoints.reached(f"step-done:{step}")
 
     def step_failed(self, run_id: str, vm: str, step: str, error: str) -> None:
         """Fail the step and its VM in one transaction."""
@@ -679,6 +682,7 @@ class Journal:
         """Commit what is about to be asked of a target; the returned Intent goes with the request."""
         intent_id = self.store.add_intent(self.run_id, self.vm, self.step, kind, key, dict(notes))
         log.info("intent_recorded", intent=kind, key=key, intent_id=intent_id)
+        failpoints.reached(f"intent:{kind}")
 
         def note(name: str, value: str) -> None:
             self.store.note_intent(intent_id, name, value)
@@ -686,6 +690,7 @@ class Journal:
         return Intent(run_id=self.run_id, vm=self.vm, kind=kind, key=key, id=intent_id, note=note)
 
     def settle(self, intent: Intent, ok: bool = True) -> None:
+        failpoints.reached(f"settle:{intent.kind}")
         self.store.settle_intent(intent.id, "done" if ok else "failed")
 
     def settle_open(self, kind: str, ok: bool = True, key: str | None = None) -> int:
