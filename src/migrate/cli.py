@@ -286,6 +286,7 @@ def _execute(
     from migrate import log as migrate_log
     from migrate.connect import ExecutionServices
     from migrate.executor.fromplan import options_from_plan, work_from_plan
+    from migrate.executor.progress import open_board
     from migrate.executor.runner import Runner
     from migrate.executor.steps import STEPS
     from migrate.report import run_table
@@ -299,7 +300,12 @@ def _execute(
         console_level=None if obj["verbose"] else "warning",
     )
     options = dataclasses.replace(options_from_plan(plan_obj), staging_dir=store.run_dir(run_id) / "staging")
-    with ExecutionServices(inventory, plan_obj.inputs.source, staging_dir=options.staging_dir) as services:
+    with (
+        open_board() as board,
+        ExecutionServices(
+            inventory, plan_obj.inputs.source, staging_dir=options.staging_dir, board=board
+        ) as services,
+    ):
         runner = Runner(store, STEPS, services.for_vm, options=options)
         summary = runner.run(work_from_plan(plan_obj), plan_path=str(plan_path), run_id=run_id)
     _stdout().print(run_table(store, summary.run_id))
@@ -516,3 +522,65 @@ def lab_down(obj: dict[str, Any]) -> None:
 
     stopped = manager.down(obj["state_dir"])
     _stderr().print(f"lab stopped ({', '.join(stopped) or 'nothing was running'})")
+
+
+@lab.command("demo")
+@click.option(
+    "-p",
+    "--playbook",
+    "playbook_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("playbooks/mixed-waves.yaml"),
+    show_default=True,
+    help="Playbook to plan the sample estate with.",
+)
+@click.pass_obj
+@handle_errors
+def lab_demo(obj: dict[str, Any], playbook_path: Path) -> None:
+    """The whole job on a fresh lab: discover the sample estate, plan it (shown first), migrate it to
+    Proxmox VE and XCP-ng, and print the report."""
+    from migrate.connect import discover_source, playbook_targets, snapshot_targets
+    from migrate.inventory import load_inventory
+    from migrate.lab import manager
+    from migrate.plan import dump_plan, load_plan
+    from migrate.planner import build_plan
+    from migrate.playbook import load_playbook
+    from migrate.render import inventory_table, plan_tables
+    from migrate.report import run_report
+
+    out, err = _stdout(), _stderr()
+    book = load_playbook(playbook_path)
+    state_dir = obj["state_dir"]
+    out.rule("[bold]1. lab[/]: vcsim (vSphere), fakepve + SSH node (Proxmox VE), XAPI fake (XCP-ng)")
+    manager.down(state_dir)  # a fresh lab each time, so the demo always starts from the same estate
+    status = manager.up(state_dir, progress=lambda msg: err.print(f"[dim]lab:[/] {msg}"))
+    out.print(manager.status_table(status))
+    inventory_path = Path(status.inventory)
+    inventory = load_inventory(inventory_path)
+
+    out.rule(f"[bold]2. discover[/]: migrate discover -i {inventory_path}")
+    found = discover_source(inventory, book.source)
+    out.print(inventory_table(found))
+
+    plan_path = manager.lab_dir(state_dir) / "demo-plan.yaml"
+    out.rule(f"[bold]3. plan[/]: migrate plan -i {inventory_path} -p {playbook_path} -o {plan_path}")
+    targets = snapshot_targets(inventory, playbook_targets(book), playbook_file=str(playbook_path))
+    plan_path.write_text(
+        dump_plan(build_plan(found, book, targets, inventory_file=str(inventory_path))), "utf-8"
+    )
+    plan_obj = load_plan(plan_path)
+    for table in plan_tables(plan_obj):
+        out.print(table)
+
+    out.rule(f"[bold]4. run[/]: migrate run {plan_path}")
+    code = _execute(obj, plan_path, plan_obj, inventory, None, fresh=True)
+
+    out.rule("[bold]5. report[/]")
+    store = _store(obj)
+    latest = store.runs(plan_obj.content_hash)[-1]
+    out.print(run_report(store, latest.id, "md"), markup=False, highlight=False)
+    err.print(
+        f"lab still running: `migrate lab status`; `migrate rollback {latest.id}` undoes the run; "
+        "`migrate lab down` stops the lab"
+    )
+    raise SystemExit(code)

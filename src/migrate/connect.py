@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from migrate.connectors.base import Source, Target, VmSpec
 from migrate.errors import ConfigError, Problem
+from migrate.executor.progress import Board
 from migrate.executor.steps import Services
 from migrate.inventory import Inventory, ProxmoxSpec, XcpngSpec
 from migrate.model import SourceInventory, TargetSnapshot
@@ -81,7 +82,10 @@ class ExecutionServices:
     per thread because their HTTP sessions are not meant to be shared by concurrent VMs.
     """
 
-    def __init__(self, inventory: Inventory, source_name: str, *, staging_dir: Path) -> None:
+    def __init__(
+        self, inventory: Inventory, source_name: str, *, staging_dir: Path, board: Board | None = None
+    ) -> None:
+        self._board = board
         self._inventory = inventory
         self._source_name = source_name
         self._staging_dir = staging_dir
@@ -135,7 +139,9 @@ class ExecutionServices:
         from migrate.executor.diskmover import PipelineMover
 
         return Services(
-            source=self.source(), target=self.target(vm.target), disks=PipelineMover(self._staging_dir)
+            source=self.source(),
+            target=self.target(vm.target),
+            disks=PipelineMover(self._staging_dir, self._board),
         )
 
     def close(self) -> None:

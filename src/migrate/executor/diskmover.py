@@ -30,6 +30,7 @@ from migrate.connectors.base import DatastoreFile, DiskLanding, DiskReader, Disk
 from migrate.disks import qemu
 from migrate.disks.vmdk import parse_descriptor
 from migrate.errors import PermanentError
+from migrate.executor.progress import Board
 from migrate.executor.steps import Changed, Noop, Outcome, Sent, StepContext
 
 log = structlog.get_logger(__name__)
@@ -46,8 +47,9 @@ def _basename(path: str) -> str:
 
 
 class PipelineMover:
-    def __init__(self, staging_dir: Path) -> None:
+    def __init__(self, staging_dir: Path, board: Board | None = None) -> None:
         self._staging = staging_dir
+        self._board = board
 
     # -- staging (chains) ---------------------------------------------------------------------
 
@@ -140,11 +142,16 @@ class PipelineMover:
         reader = self._open(ctx, disk, offset)
         sink = ctx.services.target.receive_disk(landing, offset)
         done, reported = offset, offset
+        bar = (
+            self._board.task(f"{ctx.vm.name} {disk.label}", disk.size_bytes, offset) if self._board else None
+        )
         try:
             for chunk in _read_ahead(reader):
                 digest.update(chunk)
                 sink.write(chunk)
                 done += len(chunk)
+                if bar is not None:
+                    bar.advance(len(chunk))
                 failpoints.reached("transfer-chunk")
                 if done - reported >= FLUSH_EVERY:
                     reported = done
@@ -155,6 +162,8 @@ class PipelineMover:
             raise
         finally:
             reader.close()
+            if bar is not None:
+                bar.finish()
         if done != disk.size_bytes:
             raise PermanentError(
                 f"{disk.label}: sent {done} bytes, the disk has {disk.size_bytes}",
