@@ -3,6 +3,7 @@ policies, disk files of flat disks and snapshot chains, ranged reads, TLS and cu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import socket
 import threading
@@ -63,9 +64,9 @@ def vm_spec(vm: Vm) -> VmSpec:
 
 def disk_spec(vm: Vm, index: int) -> DiskSpec:
     disk = vm.disks[index]
-    return DiskSpec(key=str(disk.key), label=disk.label, size_bytes=disk.capacity_bytes, source_path=disk.path,
-                    storage="local-lvm", slot=f"scsi{index}", datacenter=vm.datacenter, datastore=disk.datastore,
-                    source_backing=disk.backing, source_chain=disk.chain)
+    return DiskSpec(key=str(disk.key), label=disk.label, size_bytes=disk.capacity_bytes,
+                    source_path=disk.path, storage="local-lvm", slot=f"scsi{index}", datacenter=vm.datacenter,
+                    datastore=disk.datastore, source_backing=disk.backing, source_chain=disk.chain)
 
 
 def _seeded_disk(lab: SeededLab, name: str, index: int) -> SeededDisk:
@@ -116,9 +117,10 @@ def test_guest_shutdown_powers_app02_off(seeded_lab: SeededLab, source: VsphereE
     assert source.power_on(spec) == "on" and _power(seeded_lab, app02_running) == "poweredOn"
 
 
-def test_policies_never_and_require_off_leave_the_vm_running(seeded_lab: SeededLab, source: VsphereExecSource,
-                                                             discovered: dict[str, Vm], app02_running: str) -> None:
-    """never returns the state untouched; require-off refuses a running VM with a StepError; both keep it on."""
+def test_policies_never_and_require_off_leave_the_vm_running(
+    seeded_lab: SeededLab, source: VsphereExecSource, discovered: dict[str, Vm], app02_running: str
+) -> None:
+    """never returns the state as is; require-off refuses a running VM with a StepError; both keep it on."""
     spec = vm_spec(discovered["app-02"])
     assert source.power_off(spec, "never", timeout_s=1) == "on"
     with pytest.raises(StepError, match="'app-02' is on; shutdown policy require-off") as err:
@@ -131,7 +133,7 @@ def test_policies_never_and_require_off_leave_the_vm_running(seeded_lab: SeededL
 
 def test_force_and_a_suspended_guest(seeded_lab: SeededLab, source: VsphereExecSource,
                                      discovered: dict[str, Vm], app02_running: str) -> None:
-    """force powers off at once; a suspended VM is left suspended by guest and powered off by guest-then-force."""
+    """force powers off at once; guest leaves a suspended VM suspended, guest-then-force powers it off."""
     spec = vm_spec(discovered["app-02"])
     assert source.power_off(spec, "force", timeout_s=1) == "off"
     assert _power(seeded_lab, app02_running) == "poweredOff"
@@ -178,7 +180,7 @@ def test_a_vm_gone_from_vsphere_is_not_found(source: VsphereExecSource, discover
 
 def test_snapshot_chain_lists_descriptors_and_extents(seeded_lab: SeededLab, source: VsphereExecSource,
                                                       discovered: dict[str, Vm]) -> None:
-    """web-01's disk is its whole chain, base first: descriptor, flat extent, delta descriptor, COWD extent."""
+    """web-01's disk is its chain, base first: descriptor, flat extent, delta descriptor, COWD extent."""
     web = discovered["web-01"]
     files = source.disk_files(vm_spec(web), disk_spec(web, 0))
     seeded = _seeded_disk(seeded_lab, "web-01", 0)
@@ -227,7 +229,8 @@ def test_reads_from_a_middle_offset_return_exactly_the_rest(seeded_lab: SeededLa
         assert reader.read() == b""
 
 
-def test_a_snapshot_taken_since_planning_is_refused(source: VsphereExecSource, discovered: dict[str, Vm]) -> None:
+def test_a_snapshot_taken_since_planning_is_refused(source: VsphereExecSource,
+                                                    discovered: dict[str, Vm]) -> None:
     """A disk planned before its snapshot (the base as top) is refused rather than read stale."""
     web = discovered["web-01"]
     stale = disk_spec(web, 0)
@@ -268,8 +271,7 @@ def test_datacenter_inside_a_folder(seeded_lab: SeededLab, discovered: dict[str,
 
 def test_tls_verified_with_the_lab_ca(seeded_lab: SeededLab, discovered: dict[str, Vm],
                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Reads verify against the source's ca_file even when REQUESTS_CA_BUNDLE names another bundle;
-    a ca_file of another CA is refused with a TlsError before anything is read."""
+    """Reads verify with ca_file though REQUESTS_CA_BUNDLE names another CA; a wrong CA is a TlsError."""
     other = certs.make_certs(tmp_path / "other")
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(other.ca))
     web = discovered["web-01"]
@@ -315,7 +317,9 @@ class _CuttingProxy:
                 sent += len(data)
         except OSError:
             pass
-        for sock in (src, dst):
+        for sock in (src, dst):  # shutdown, not just close: the other pump is blocked in recv on it
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
             sock.close()
 
     def close(self) -> None:
@@ -323,8 +327,9 @@ class _CuttingProxy:
 
 
 def test_a_cut_connection_is_transient_and_resumes_at_the_offset(seeded_lab: SeededLab) -> None:
-    """A read whose connection drops raises TransientError; reopening at the bytes reached completes the file."""
-    seeded: Any = next(f for f in _seeded_disk(seeded_lab, "win-app-01", 1).files if f.path.endswith("-flat.vmdk"))
+    """A read whose connection drops raises TransientError; reopening where it stopped completes the file."""
+    disk = _seeded_disk(seeded_lab, "win-app-01", 1)
+    seeded: Any = next(f for f in disk.files if f.path.endswith("-flat.vmdk"))
     proxy = _CuttingProxy((seeded_lab.server.host, seeded_lab.server.port))
     try:
         with VsphereExecSource("vc-lab", _spec(seeded_lab, port=proxy.port)) as src:
