@@ -339,7 +339,9 @@ def test_transient_target_fault_in_a_real_step_is_retried_without_duplicates(sto
     summary = run(store, services, retry=RetryPolicy(attempts=3, first_delay_s=0, jitter_s=0))
     assert summary.exit_code == 0
     assert world.effects["create_vm:web"] == 1 and world.effects["create_vm:db"] == 1
-    assert {store.step(summary.run_id, vm.key, "create_vm").attempt for vm in (WEB, DB)} == {1, 3}
+    # The two faults go to whichever VM asks first; VMs run concurrently, so 1+3 or 2+2 attempts.
+    attempts = sorted(store.step(summary.run_id, vm.key, "create_vm").attempt for vm in (WEB, DB))
+    assert attempts in ([1, 3], [2, 2])
 
 
 def _plan() -> Any:
