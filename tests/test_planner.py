@@ -881,6 +881,14 @@ def test_drift_in_the_source() -> None:
     assert _drift_kinds(plan, [web, win, db], lab_targets()) == [("vm-missing", "app-02")]
 
 
+def test_drift_spots_a_replaced_vm_behind_the_same_moref() -> None:
+    """A VM re-registered under the planned moref (another instance UUID) is reported, nothing else."""
+    web = lab_vms()[0]
+    plan = build_plan(source(web), pb(), lab_targets())
+    other = replace(web, instance_uuid="50000000-0000-0000-0000-00000000beef")
+    assert [(i.kind, i.vm) for i in drift(plan, source(other), lab_targets())] == [("vm-replaced", "web-01")]
+
+
 def test_drift_on_the_targets() -> None:
     """A taken name or VMID, lost memory or storage space, or a missing target are reported."""
     web = lab_vms()[0]

@@ -485,6 +485,9 @@ def _vm_drift(vp: VmPlan, vm: Vm | None) -> list[DriftItem]:
     if vm is None:
         return [DriftItem("vm-missing", was.name, f"{was.name} ({was.moref}) is no longer in the source")]
     now = source_facts(vm, fingerprint=False)
+    if was.instance_uuid and now.instance_uuid != was.instance_uuid:
+        message = f"{was.moref} is now a different VM (instance UUID {was.instance_uuid} -> {now.instance_uuid})"
+        return [DriftItem("vm-replaced", was.name, message)]
     out = []
     changes = [
         f"{f} {getattr(was, f)} -> {getattr(now, f)}" for f in _HARDWARE if getattr(was, f) != getattr(now, f)
