@@ -11,7 +11,9 @@ import pytest
 
 import lab_harness
 from lab_harness import Lab, guest_sha256
+from migrate.connectors.proxmox import ProxmoxTarget
 from migrate.disks.bootcheck import boot_check
+from migrate.inventory import ProxmoxSpec, load_inventory
 from migrate.plan import load_plan
 
 lab = lab_harness.lab
@@ -112,3 +114,59 @@ def test_status_and_report_describe_the_run(migrated: tuple[Lab, Path, str]) -> 
     assert {v["name"] for v in report["vms"]} == {v.name for v in plan.vms}
     assert all(v["status"] == "done" for v in report["vms"])
     assert report["bytes_moved"] == sum(d.capacity_bytes for v in plan.vms for d in v.disks)
+
+
+def test_planning_twice_gives_identical_bytes(lab: Lab) -> None:
+    """Two plans of the same lab with the same playbook are byte-identical (before anything moves)."""
+    for name in ("det-a.yaml", "det-b.yaml"):
+        lab.migrate("plan", "-i", str(lab.inventory), "-p", "playbooks/windows-safe.yaml", "-o", name)
+    assert (lab.workdir / "det-a.yaml").read_bytes() == (lab.workdir / "det-b.yaml").read_bytes()
+
+
+def test_check_reports_no_drift_then_drift(lab: Lab) -> None:
+    """`plan --check` finds no drift on an untouched lab, and reports a name taken on the target."""
+    plan = lab.workdir / "check.yaml"
+    lab.migrate("plan", "-i", str(lab.inventory), "-p", "playbooks/windows-safe.yaml", "-o", str(plan))
+    assert lab.migrate("plan", "-i", str(lab.inventory), "--check", str(plan)).returncode == 0
+    first = load_plan(plan).vms[0]
+    spec = load_inventory(lab.inventory).targets["lab-pve"]
+    assert isinstance(spec, ProxmoxSpec)
+    with ProxmoxTarget("lab-pve", spec) as pve:
+        pve.create_vm("pve2", 990, {"name": first.name})
+        try:
+            proc = lab.migrate("plan", "-i", str(lab.inventory), "--check", str(plan))
+            assert proc.returncode == 3 and "name-taken" in proc.stdout, proc.stdout
+        finally:
+            pve.destroy_vm("pve2", 990)
+
+
+def test_altered_plan_is_refused(migrated: tuple[Lab, Path, str]) -> None:
+    """A plan edited after review fails its hash check: exit 2, nothing runs."""
+    lab, plan_path, _ = migrated
+    tampered = lab.workdir / "tampered.yaml"
+    tampered.write_text(plan_path.read_text().replace("memory_mib: 2048", "memory_mib: 4096", 1))
+    assert tampered.read_text() != plan_path.read_text()
+    lab.control("fakepve", "requests", clear=True)
+    proc = lab.migrate("run", str(tampered), "-y")
+    assert proc.returncode == 2 and "hash" in proc.stderr
+    assert lab.control("fakepve", "requests") == []
+
+
+def test_no_secret_in_plan_state_or_logs(migrated: tuple[Lab, Path, str]) -> None:
+    """The lab's passwords and token appear in no plan, state database, log or report."""
+    lab, plan_path, _ = migrated
+    lab_dir = lab.state_dir / "lab"
+    kinds = (".pass", ".secret", ".password")
+    files = [p for p in lab_dir.rglob("*") if p.is_file() and (p.suffix in kinds or p.stem == "token")]
+    secrets = {p.read_text().strip() for p in files}
+    secrets = {s for s in secrets if len(s) >= 8}
+    assert secrets, "the lab should have secrets to look for"
+    looked = 0
+    for path in [plan_path, *lab.state_dir.rglob("*")]:
+        if not path.is_file() or lab_dir in path.parents:
+            continue
+        data = path.read_bytes()
+        looked += 1
+        for secret in secrets:
+            assert secret.encode() not in data, f"a secret is in {path}"
+    assert looked >= 3

@@ -486,7 +486,7 @@ def _vm_drift(vp: VmPlan, vm: Vm | None) -> list[DriftItem]:
         return [DriftItem("vm-missing", was.name, f"{was.name} ({was.moref}) is no longer in the source")]
     now = source_facts(vm, fingerprint=False)
     if was.instance_uuid and now.instance_uuid != was.instance_uuid:
-        message = f"{was.moref} is now a different VM (instance UUID {was.instance_uuid} -> {now.instance_uuid})"
+        message = f"{was.moref} is now another VM (instance UUID {was.instance_uuid} -> {now.instance_uuid})"
         return [DriftItem("vm-replaced", was.name, message)]
     out = []
     changes = [
