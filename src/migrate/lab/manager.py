@@ -66,9 +66,7 @@ def lab_dir(state_dir: Path) -> Path:
 
 
 def _alive(service: Service) -> bool:
-    try:
-        os.kill(service.pid, 0)
-    except (ProcessLookupError, PermissionError):
+    if not _running(service.pid):
         return False
     with contextlib.suppress(OSError), socket.create_connection((service.host, service.port), timeout=2):
         return True
@@ -97,12 +95,25 @@ def status(state_dir: Path) -> LabStatus:
     )
 
 
+def _running(pid: int) -> bool:
+    """True while ``pid`` runs; reaps it if it is our own exited child (a zombie is not running)."""
+    with contextlib.suppress(ChildProcessError):
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][:1]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 def _stop(service: Service) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(service.pid, signal.SIGTERM)
         for _ in range(100):
+            if not _running(service.pid):
+                return
             time.sleep(0.05)
-            os.kill(service.pid, 0)
         os.kill(service.pid, signal.SIGKILL)
 
 
