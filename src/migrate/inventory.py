@@ -32,6 +32,19 @@ SecretRef = Annotated[
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
+def _existing_file(value: Path | None, info: pydantic.ValidationInfo, fix: str = "") -> Path | None:
+    """A path from the inventory, relative to the inventory's folder, that must exist."""
+    if value is None:
+        return None
+    base = (info.context or {}).get("base_dir")
+    path = value.expanduser()
+    if not path.is_absolute() and base:
+        path = Path(base) / path
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist{fix}")
+    return path
+
+
 class _Spec(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
@@ -43,17 +56,7 @@ class TlsOptions(_Spec):
     @pydantic.field_validator("ca_file")
     @classmethod
     def _ca_exists(cls, value: Path | None, info: pydantic.ValidationInfo) -> Path | None:
-        if value is None:
-            return None
-        base = (info.context or {}).get("base_dir")
-        path = value.expanduser()
-        if not path.is_absolute() and base:
-            path = Path(base) / path
-        if not path.is_file():
-            raise ValueError(
-                f"CA file {path} does not exist; give the PEM file of the CA that signed the server"
-            )
-        return path
+        return _existing_file(value, info, "; give the PEM file of the CA that signed the server")
 
 
 class VsphereSpec(TlsOptions):
@@ -80,15 +83,7 @@ class SshSpec(_Spec):
     @pydantic.field_validator("key_file", "known_hosts")
     @classmethod
     def _file_exists(cls, value: Path | None, info: pydantic.ValidationInfo) -> Path | None:
-        if value is None:
-            return None
-        base = (info.context or {}).get("base_dir")
-        path = value.expanduser()
-        if not path.is_absolute() and base:
-            path = Path(base) / path
-        if not path.is_file():
-            raise ValueError(f"{path} does not exist")
-        return path
+        return _existing_file(value, info)
 
     def address(self, node: str) -> str:
         return self.hosts.get(node, node)

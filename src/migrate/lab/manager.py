@@ -14,9 +14,7 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ from rich.table import Table
 from migrate.errors import LabError
 from migrate.lab import certs, vcsim
 from migrate.lab.estate import DEFAULT_ESTATE, load_estate, write_seeded
+from migrate.lab.process import running, stop_pid
 
 LAB_FILE = "lab.json"
 INVENTORY_NAME = "lab.yaml"
@@ -66,7 +65,7 @@ def lab_dir(state_dir: Path) -> Path:
 
 
 def _alive(service: Service) -> bool:
-    if not _running(service.pid):
+    if not running(service.pid):
         return False
     with contextlib.suppress(OSError), socket.create_connection((service.host, service.port), timeout=2):
         return True
@@ -95,33 +94,11 @@ def status(state_dir: Path) -> LabStatus:
     )
 
 
-def _running(pid: int) -> bool:
-    """True while ``pid`` runs; reaps it if it is our own exited child (a zombie is not running)."""
-    with contextlib.suppress(ChildProcessError):
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][:1]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-def _stop(service: Service) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(service.pid, signal.SIGTERM)
-        for _ in range(100):
-            if not _running(service.pid):
-                return
-            time.sleep(0.05)
-        os.kill(service.pid, signal.SIGKILL)
-
-
 def down(state_dir: Path) -> list[str]:
     """Stop every recorded service and remove the lab directory; returns what was running."""
     current = status(state_dir)
     for service in current.services:
-        _stop(service)
+        stop_pid(service.pid, timeout=5.0)
     directory = lab_dir(state_dir)
     if directory.exists():
         shutil.rmtree(directory)

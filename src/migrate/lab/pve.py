@@ -29,7 +29,8 @@ import requests
 
 from migrate.errors import LabError
 from migrate.lab.certs import CertPaths
-from migrate.lab.sshd import RunningSshd, stop_pid_file
+from migrate.lab.process import end_process, stop_pid_file
+from migrate.lab.sshd import RunningSshd
 
 GiB = 1024**3
 TiB = 1024**4
@@ -189,13 +190,7 @@ class RunningPve:
 
     def stop(self) -> None:
         if self.process is not None:
-            if self.process.poll() is None:
-                self.process.terminate()
-                try:
-                    self.process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait()
+            end_process(self.process)
             return
         stop_pid_file(self.node_root.parent / "pve" / "pve.pid")
 

@@ -8,11 +8,9 @@ separation directory (/run/sshd), which Debian's service unit normally creates; 
 
 from __future__ import annotations
 
-import contextlib
 import getpass
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -20,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from migrate.errors import LabError
+from migrate.lab.process import end_process, stop_pid_file
 
 SSHD = Path("/usr/sbin/sshd")
 SFTP_SERVER = Path("/usr/lib/openssh/sftp-server")
@@ -48,43 +47,9 @@ class RunningSshd:
 
     def stop(self) -> None:
         if self.process is not None:
-            _end(self.process)
+            end_process(self.process)
             return
         stop_pid_file(self.pid_file)
-
-
-def stop_pid_file(pid_file: Path, timeout: float = 10.0) -> None:
-    """End a detached daemon by the pid in ``pid_file`` (no error if it is already gone)."""
-    try:
-        pid = int(pid_file.read_text().strip())
-    except (OSError, ValueError):
-        return
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        # Reap it if it is our own child (started detached by this process), or it stays a zombie.
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-
-
-def _end(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _keygen(path: Path, comment: str, passphrase: str = "") -> None:
@@ -146,7 +111,7 @@ def _wait_listening(proc: subprocess.Popen[bytes], host: str, port: int, log_fil
         except OSError:
             pass
         time.sleep(0.05)
-    _end(proc)
+    end_process(proc)
     raise LabError(f"sshd did not listen on {host}:{port} within {START_TIMEOUT:.0f}s; see {log_file}")
 
 

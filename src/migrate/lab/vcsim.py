@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from migrate.errors import LabError
+from migrate.lab.process import end_process
 
 GOVMOMI_SRC = Path("/usr/share/gocode/src/github.com/vmware/govmomi")
 MAIN_GO = Path(__file__).with_name("vcsim") / "main.go"
@@ -118,13 +119,7 @@ class RunningVcsim:
         return int(self.url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        end_process(self.process)
 
 
 def start(opts: VcsimOptions, *, detach: bool = False, log_path: Path | None = None) -> RunningVcsim:

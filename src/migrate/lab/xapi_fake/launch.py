@@ -13,7 +13,7 @@ import requests
 
 from migrate.errors import LabError
 from migrate.lab.certs import CertPaths
-from migrate.lab.sshd import stop_pid_file
+from migrate.lab.process import end_process, stop_pid_file
 from migrate.lab.xapi_fake.server import CONTROL_HEADER
 
 
@@ -35,13 +35,7 @@ class RunningXapi:
         if self.process is None:
             stop_pid_file(self.state_dir / "xapi.pid")
             return
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        end_process(self.process)
 
     def control(self, action: str, **params: Any) -> Any:
         """fail (arm faults: sr_full, session_invalid, drop_upload, drop_after_bytes, fail_task,
