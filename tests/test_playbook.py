@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from migrate.errors import ConfigError
-from migrate.playbook import NetworkRef, Playbook, Selector, load_playbook
-from planner_builders import lab_vms, nic, vm
+from migrate.playbook import NetworkRef, Playbook, Selector, load_playbook, unknown_vms
+from planner_builders import lab_vms, nic, source, vm
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = sorted((REPO / "playbooks").glob("*.yaml"))
@@ -274,3 +274,16 @@ def test_naming_template_renders_placeholders() -> None:
     )
     v = vm("web", "vm-7", nics=(nic(),))
     assert pb.naming.render(v) == "DC0-DC0_C0-web-vm-7"
+
+
+def test_vm_names_the_source_lacks_are_errors_with_lines(tmp_path: Path) -> None:
+    """A playbook naming a VM the source does not have fails at that name's line (a typo moves nothing)."""
+    path = tmp_path / "typo.yaml"
+    path.write_text(
+        "version: 1\nname: t\nselect:\n  include:\n    - vms: [web-01, web-99]\n"
+        "targets:\n  default: lab-pve\nvmid:\n  fixed: {ghost: 150, web-01: 151}\n"
+    )
+    problems = unknown_vms(load_playbook(path), source(*lab_vms()))
+    expected = [(5, "$.select.include[0].vms[1]"), (9, "$.vmid.fixed.ghost")]
+    assert [(p.line, p.path) for p in problems] == expected
+    assert all("no VM" in p.message and p.file == str(path) for p in problems)

@@ -208,7 +208,7 @@ def plan(
     from migrate.connect import discover_source, playbook_targets, snapshot_targets
     from migrate.inventory import load_inventory
     from migrate.planner import build_plan
-    from migrate.playbook import load_playbook
+    from migrate.playbook import load_playbook, unknown_vms
 
     inventory = load_inventory(inventory_path)
     if check_path:
@@ -222,6 +222,8 @@ def plan(
         raise click.UsageError("give -p/--playbook (or --check PLAN)")
     book = load_playbook(playbook_path)
     source_inv = discover_source(inventory, source or book.source)
+    if problems := unknown_vms(book, source_inv):
+        raise ConfigError(problems)
     targets = snapshot_targets(inventory, playbook_targets(book), playbook_file=str(playbook_path))
     result = build_plan(source_inv, book, targets, inventory_file=str(inventory_path))
     text = plan_file.dump_plan(result)

@@ -24,8 +24,9 @@ import pydantic
 from pydantic import Field
 
 from migrate import mapping
-from migrate.model import Vm
-from migrate.yamlsource import load, validate
+from migrate.errors import Problem
+from migrate.model import SourceInventory, Vm
+from migrate.yamlsource import LoadedYaml, format_path, load, validate
 
 PowerState = Literal["poweredOn", "poweredOff", "suspended"]
 Family = Literal["windows", "linux", "other"]
@@ -320,6 +321,7 @@ class Playbook(_Spec):
     # Where it came from: for the plan's inputs, not part of the file.
     file: str = Field(default="", exclude=True)
     sha256: str = Field(default="", exclude=True)
+    _loaded: LoadedYaml | None = pydantic.PrivateAttr(default=None)
 
     @pydantic.field_validator("waves")
     @classmethod
@@ -346,4 +348,38 @@ def load_playbook(path: Path | str) -> Playbook:
     loaded = load(path)
     playbook = validate(Playbook, loaded)
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return playbook.model_copy(update={"file": str(path), "sha256": digest})
+    playbook = playbook.model_copy(update={"file": str(path), "sha256": digest})
+    playbook._loaded = loaded  # the line map, for problems found later against a source
+    return playbook
+
+
+def _named_vms(playbook: Playbook) -> list[tuple[tuple[str | int, ...], str]]:
+    """Every exact VM name or moref the playbook names, with its $.path."""
+    out: list[tuple[tuple[str | int, ...], str]] = []
+
+    def selectors(path: tuple[str | int, ...], items: list[Selector]) -> None:
+        for i, sel in enumerate(items):
+            out.extend(((*path, i, "vms", j), name) for j, name in enumerate(sel.vms))
+
+    selectors(("select", "include"), playbook.select.include)
+    selectors(("select", "exclude"), playbook.select.exclude)
+    for w, wave in enumerate(playbook.waves):
+        selectors(("waves", w, "select"), wave.select)
+    for r, rule in enumerate(playbook.targets.rules):
+        selectors(("targets", "rules", r, "match"), rule.match)
+    out.extend((("vmid", "fixed", name), name) for name in playbook.vmid.fixed)
+    return out
+
+
+def unknown_vms(playbook: Playbook, source: SourceInventory) -> list[Problem]:
+    """Problems for VM names the playbook gives that the source does not have (a typo moves nothing)."""
+    known = {vm.name for vm in source.vms} | {vm.moref for vm in source.vms}
+    loaded = playbook._loaded
+    problems = []
+    for path, name in _named_vms(playbook):
+        if name in known:
+            continue
+        message = f"no VM {name!r} in source {source.source}; check the name (exact, case-sensitive) or moref"
+        where = Problem(playbook.file, None, format_path(path), message)
+        problems.append(loaded.problem(path, message) if loaded else where)
+    return problems
