@@ -9,11 +9,16 @@ migrate proper imports it. The additions, each where fakepve answers generically
 - ``import-from`` on create and on config changes really converts the source image into a
   file standing for the new volume under the lab's node directory (qemu-img), so tests can
   check the bytes a migration produced; new disks on config changes are allocated;
+- a started VM really boots its boot disk's bytes under QEMU (``guestboot``), and its guest
+  agent answers only once the guest printed its boot line, as qemu-ga answers only in a
+  guest that booted; the serial output is readable through ``POST /_lab/serial``;
 - ``POST /_lab/<action>`` (header X-Lab-Control: secret): faults and a view of the state.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import inspect
 import ipaddress
@@ -22,14 +27,31 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import structlog
 from aiohttp import web
 from fakepve import FakePve
 from fakepve.lxc import format_size
 from fakepve.model import PveError, TaskError
-from fakepve.qemu import DRIVE_KEY, NEW_DISK, is_cdrom, join_drive, split_drive, volume_ref
+from fakepve.qemu import (
+    DRIVE_KEY,
+    NEW_DISK,
+    boot_order,
+    drives_of,
+    is_cdrom,
+    join_drive,
+    split_drive,
+    volume_ref,
+)
+
+from migrate.lab.bootcode import ascii_tag, serial_line
+from migrate.lab.guestboot import Firmware, GuestBoots, GuestDisk
+
+log = structlog.get_logger(__name__)
 
 CONTROL_PREFIX = "/_lab/"
 _VOLUME_KEYS = ("size", "format", "vmid", "content")
+GUEST_SWEEP = 0.2  # seconds between looks at which VMs run
+_NOT_DISKS = ("efidisk0", "tpmstate0")
 
 
 def _store(st: dict[str, Any]) -> dict[str, Any]:
@@ -69,6 +91,26 @@ class LabPve(FakePve):  # type: ignore[misc]  # fakepve is untyped
             for sid, volname, size in vm["volumes"]:
                 self.storages[sid]["volumes"][volname] = {
                     "content": "images", "format": "raw", "size": size, "vmid": vm["vmid"], "ctime": 0}
+        self.guests = GuestBoots(self._guest_booted, workdir=self.node_root.parent / "pve" / "guests")
+        # VMID -> started_at of the start its guest boots for. VMs seeded as running stand for
+        # guests this lab never started: they are left as they are until started again.
+        self._guest_starts: dict[int, float | None] = {
+            vm.vmid: vm.started_at for vm in self.vms if vm.status == "running"
+        }
+        self._guest_expect: dict[int, str] = {}  # VMID -> the boot line, when not the name's
+        self._guest_loop: asyncio.AbstractEventLoop | None = None
+        self._guest_sweeper: asyncio.Task[None] | None = None
+
+    async def start(self, certfile: str, keyfile: str) -> None:
+        await super().start(certfile, keyfile)
+        self._guest_loop = asyncio.get_running_loop()
+        self._guest_sweeper = asyncio.ensure_future(self._sweep_guests())
+
+    async def stop(self) -> None:
+        if self._guest_sweeper is not None:
+            self._guest_sweeper.cancel()
+        await asyncio.get_running_loop().run_in_executor(None, self.guests.close)
+        await super().stop()
 
     # -- cluster views fakepve answers with fixed numbers -------------------------------------
 
@@ -283,6 +325,109 @@ class LabPve(FakePve):  # type: ignore[misc]  # fakepve is untyped
                 raise PveError(500, str(exc)) from exc
             raise
 
+    # -- guests that boot --------------------------------------------------------------------
+
+    async def _sweep_guests(self) -> None:
+        # fakepve changes power states in many places (tasks, HA, scenarios, timers): looking
+        # often is simpler and surer than hooking each of them.
+        while True:
+            try:
+                self._sync_guests()
+            except Exception:  # a bug here must not stop the lab from noticing stopped VMs
+                log.exception("lab_guest_sweep_failed")
+            await asyncio.sleep(GUEST_SWEEP)
+
+    async def task(self, node: str, ttype: str, tid: Any, user: str, body: Any, vm: Any = None,
+                   lock: bool = True, log: Any = ()) -> str:  # fmt: skip
+        # A task that changed a VM's power starts or stops its guest before it ends: a stop task
+        # returns with QEMU gone, as on a node. The sweep catches the changes no task makes.
+        async def then_sync() -> Any:
+            try:
+                return await body()
+            finally:
+                self._sync_guests()
+
+        upid: str = await super().task(node, ttype, tid, user, then_sync, vm=vm, lock=lock, log=log)
+        return upid
+
+    def _sync_guests(self) -> None:
+        """Boot the guests of VMs started since the last look; stop those of VMs that stopped."""
+        present = set()
+        for vm in self.vms:
+            present.add(vm.vmid)
+            if vm.status == "running":
+                if self._guest_starts.get(vm.vmid, -1.0) != vm.started_at:
+                    self._guest_starts[vm.vmid] = vm.started_at
+                    self._boot_guest(vm)
+            elif vm.vmid in self._guest_starts:
+                del self._guest_starts[vm.vmid]
+                vm.agent = None
+                self.guests.stop(str(vm.vmid))
+        for vmid in set(self._guest_starts) - present:
+            del self._guest_starts[vmid]
+        for key in self.guests.names():
+            if int(key) not in present:
+                self.guests.forget(key)
+
+    def _boot_guest(self, vm: Any) -> None:
+        vm.agent = None  # a guest just started has no agent running yet
+        found = self._guest_disk(vm)
+        if isinstance(found, str):
+            self.guests.fail(str(vm.vmid), found)
+        else:
+            self.guests.boot(str(vm.vmid), found)
+
+    def _guest_disk(self, vm: Any) -> GuestDisk | str:
+        """The boot disk's bytes as QEMU would boot them, or why there is nothing to boot."""
+        cfg = vm.config
+        order = str(cfg.get("boot") or boot_order(cfg) or "")
+        if order.startswith("order="):
+            keys = [d for d in order[len("order=") :].split(";") if d]
+        elif cfg.get("bootdisk"):  # the legacy form: boot=cdn, bootdisk=scsi0
+            keys = [str(cfg["bootdisk"])]
+        else:
+            keys = [key for key, _volume, _props in drives_of(cfg, skip_cdrom=True)]
+        for key in keys:
+            if not DRIVE_KEY.match(key) or key in _NOT_DISKS or key not in cfg:
+                continue
+            volume, props = split_drive(cfg[key])
+            if is_cdrom(volume, props):
+                continue
+            sid, volname = volume_ref(volume)
+            if sid not in self.storages:
+                return f"{key}: {volume} is not a volume of this cluster's storages"
+            path = self._lab_file(sid, volname)
+            if not path.is_file():
+                return f"{key}: the lab holds no bytes for {volume} ({path} is missing)"
+            info = self.storages[sid].get("volumes", {}).get(volname, {})
+            fmt = info.get("format") or ("qcow2" if volname.endswith(".qcow2") else "raw")
+            expect = self._guest_expect.get(vm.vmid) or serial_line(ascii_tag(str(vm.name)))
+            firmware: Firmware = "efi" if cfg.get("bios") == "ovmf" else "bios"
+            return GuestDisk(path, fmt, firmware, expect)
+        return f"no disk to boot from (boot order {order or 'unset'!r})"
+
+    def _guest_booted(self, key: str, generation: int) -> None:
+        """Called from a guest's watcher thread: the VMs live in the event loop, so go there."""
+        loop = self._guest_loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: the fake is stopping
+                loop.call_soon_threadsafe(self._guest_answers, int(key), generation)
+
+    def _guest_answers(self, vmid: int, generation: int) -> None:
+        vm = self.vm(vmid)
+        if vm is None or vm.status != "running" or not self.guests.is_current(str(vmid), generation):
+            return  # stopped or started again meanwhile
+        # qemu-ga talks through the virtio-serial port that "agent: 1" adds; without it PVE
+        # cannot reach the agent even in a guest that booted.
+        if str(vm.config.get("agent", "0")).split(",")[0].split("=")[-1] == "1":
+            # fakepve answers the other commands (ping, network-get-interfaces...) in its own way.
+            status = self.guests.status(str(vmid))
+            vm.agent = {"os": lab_osinfo(status.expect if status else "")}
+
+    async def _agent_call(self, match: Any, values: dict[str, Any]) -> Any:
+        self._sync_guests()  # a VM started an instant ago must not answer with its last boot's agent
+        return await super()._agent_call(match, values)
+
     # -- control -----------------------------------------------------------------------------
 
     @web.middleware
@@ -364,6 +509,33 @@ class LabPve(FakePve):  # type: ignore[misc]  # fakepve is untyped
             self.requests.clear()
         return seen
 
+    def _ctl_serial(self, p: dict[str, Any]) -> dict[str, Any] | None:
+        """The boot of VM ``vmid``'s guest: phase (queued, booting, booted, failed, stopped),
+        reason, serial output, the line expected, the image and firmware, QEMU's pid."""
+        self._sync_guests()
+        found = self.guests.status(str(int(p["vmid"])))
+        return found.as_dict() if found else None
+
+    def _ctl_guests(self, p: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        self._sync_guests()
+        return {key: status.as_dict() for key, status in self.guests.statuses().items()}
+
+    def _ctl_boot_expect(self, p: dict[str, Any]) -> str | None:
+        """The boot line VM ``vmid``'s guest must print from its next start on: ``tag`` (the
+        MIGRATE-LAB-BOOT-OK line of that tag) instead of its name's; no tag: its name's again."""
+        vmid = int(p["vmid"])
+        if p.get("tag") is None:
+            self._guest_expect.pop(vmid, None)
+            return None
+        self._guest_expect[vmid] = serial_line(str(p["tag"]))
+        return self._guest_expect[vmid]
+
+    def _ctl_guests_set(self, p: dict[str, Any]) -> None:
+        for key, value in p.items():
+            if key != "timeout":
+                raise ValueError(f"cannot set {key}")
+            self.guests.timeout = float(value)
+
     def _ctl_state(self, p: dict[str, Any]) -> dict[str, Any]:
         return {
             "nodes": self.nodes,
@@ -377,6 +549,13 @@ class LabPve(FakePve):  # type: ignore[misc]  # fakepve is untyped
             "tasks": [{k: t.get(k) for k in ("upid", "node", "type", "id", "user", "status", "exitstatus")}
                       for t in self.tasklog],
         }  # fmt: skip
+
+
+def lab_osinfo(line: str) -> dict[str, str]:
+    """guest-get-osinfo of a lab guest: its boot code, not an OS, says so."""
+    return {"id": "migrate-lab", "name": "migrate lab guest", "pretty-name": f"migrate lab guest ({line})",
+            "version": "1", "version-id": "1", "kernel-release": "bootcode", "kernel-version": "1",
+            "machine": "x86_64"}  # fmt: skip
 
 
 def build(config: dict[str, Any]) -> LabPve:

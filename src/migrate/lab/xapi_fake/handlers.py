@@ -1,6 +1,7 @@
 """Hand-written behaviour for the messages a migration uses that are not plain field access:
 sessions, VM lifecycle (clone, provision, start, shutdown, destroy), VDI/VBD/VIF creation and
-removal with their checks, and tasks. Errors and their parameters are xapi's.
+removal with their checks, and tasks. Errors and their parameters are xapi's. A started VM's
+disk really boots (``guests``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import structlog
 
+from migrate.lab.xapi_fake import guests
 from migrate.lab.xapi_fake.datamodel import NULL_REF, XapiError
 from migrate.lab.xapi_fake.dispatch import Xapi, handler, now
 from migrate.lab.xapi_fake.rawfile import sparse_copy
@@ -243,6 +245,8 @@ def _boot(x: Xapi, vm: str, row: dict[str, Any], host: str, paused: bool) -> Non
         x.store.row("VM_metrics", live["metrics"]).update(
             memory_actual=row["memory_static_max"], VCPUs_number=row["VCPUs_at_startup"], start_time=now()
         )
+    if not paused:  # a paused domain runs no code until VM.unpause
+        guests.start(x, vm)
     log.info("xapi_fake_vm_started", vm=live["name_label"])
 
 
@@ -257,6 +261,7 @@ def _halt(x: Xapi, vm: str) -> None:
     for cls in ("VBD", "VIF"):
         for dev in x.store.pointing_at(cls, "VM", vm):
             x.store.row(cls, dev)["currently_attached"] = False
+    guests.halt(x, vm)
 
 
 for _name in ("shutdown", "clean_shutdown", "hard_shutdown"):
@@ -268,6 +273,7 @@ def vm_destroy(x: Xapi, _s: str, vm: str) -> None:
     row = _expect_power(x, vm, "Halted", "Suspended")
     if row["is_control_domain"]:
         raise XapiError("OPERATION_NOT_ALLOWED", "cannot destroy a control domain")
+    guests.destroy(x, vm)
     for cls in ("VBD", "VIF"):
         for dev in x.store.pointing_at(cls, "VM", vm):
             x.store.destroy(cls, dev)

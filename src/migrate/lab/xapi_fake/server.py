@@ -24,7 +24,7 @@ import structlog
 
 from migrate.errors import LabError
 from migrate.lab.certs import CertPaths, make_certs
-from migrate.lab.xapi_fake import datamodel, handlers, seed, upload, wire
+from migrate.lab.xapi_fake import datamodel, guests, handlers, seed, upload, wire
 from migrate.lab.xapi_fake.dispatch import Xapi
 from migrate.lab.xapi_fake.faults import Faults
 from migrate.lab.xapi_fake.store import Store
@@ -132,7 +132,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def control(x: Xapi, action: str, params: dict[str, Any]) -> Any:
-    """The lab control actions: fail, clear_failures, faults, calls, state."""
+    """The lab control actions: fail, clear_failures, faults, calls, state, and the guests' (see
+    ``guests.control``)."""
     if action == "fail":
         x.faults.arm(**params)
         return x.faults.as_dict()
@@ -154,7 +155,12 @@ def control(x: Xapi, action: str, params: dict[str, Any]) -> Any:
                     if not r["is_a_template"] and not r["is_control_domain"]
                 ),
             }
-    raise ValueError(f"unknown control action {action!r}; known: fail, clear_failures, faults, calls, state")
+    if action in guests.ACTIONS:
+        return guests.control(x, action, params)
+    raise ValueError(
+        f"unknown control action {action!r}; known: fail, clear_failures, faults, calls, state, "
+        + ", ".join(guests.ACTIONS)
+    )
 
 
 class XapiFake:
@@ -227,6 +233,7 @@ class XapiFake:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self._server = None
+        guests.close(self.xapi)
         self.xapi.store.dump(self.workdir / "db.json")
         log.info("xapi_fake_stopped")
 
