@@ -8,7 +8,11 @@ and resume it in another against the same "real state".
 
 ``hook(method, phase, info)`` runs before (``phase="before"``) and after (``"after"``) each
 effect, which lets a test check the state store at that instant, inject a fault, or park the
-process there to be killed. ``fail(method, *errors)`` queues faults for the next calls.
+process there to be killed. ``fail(method, *errors)`` queues faults for the next calls, and
+``corrupt(disk_key, offset)`` makes the next landing of that disk hold one wrong byte.
+
+An XCP-ng-shaped target takes ``vhd`` landings as xapi does: the VHD file is decoded to raw
+on ``close``, so what the guest would read is always the raw disk.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from migrate.connectors.base import (
 )
 from migrate.errors import PermanentError
 from migrate.executor.steps import Changed, Noop, Outcome, Sent, StepContext
+from migrate.lab.xapi_fake import vhd
+from migrate.lab.xapi_fake.rawfile import SparseWriter
 from migrate.model import TargetKind
 
 Hook = Callable[[str, str, dict[str, Any]], None]
@@ -120,6 +126,11 @@ class World:
             finally:
                 os.close(fd)
 
+    def replace_blob(self, ref: str, data: bytes) -> None:
+        self.data[ref] = bytearray(data)
+        if self.root is not None:
+            (self.root / _blob_name(ref)).write_bytes(data)
+
     def truncate(self, ref: str, size: int) -> None:
         del self.data.setdefault(ref, bytearray())[size:]
         self.landings[ref]["written"] = size
@@ -157,12 +168,19 @@ class _Faults:
 
 
 class FakeSource:
-    """A vSphere stand-in: power states and deterministic disk files."""
+    """A vSphere stand-in: power states and deterministic disk files (``content(path, size)``)."""
 
-    def __init__(self, world: World, name: str = "vc1", hook: Hook | None = None) -> None:
+    def __init__(
+        self,
+        world: World,
+        name: str = "vc1",
+        hook: Hook | None = None,
+        content: Callable[[str, int], bytes] = disk_bytes,
+    ) -> None:
         self.world = world
         self._name = name
         self.faults = _Faults(hook)
+        self.content = content
 
     @property
     def name(self) -> str:
@@ -189,20 +207,23 @@ class FakeSource:
 
     def open_file(self, file: DatastoreFile, offset: int = 0) -> DiskReader:
         self.faults.enter("open_file", file.path, {"offset": offset})
-        stream = io.BytesIO(disk_bytes(file.path, file.size_bytes))
+        stream = io.BytesIO(self.content(file.path, file.size_bytes))
         stream.seek(offset)
         return stream
 
 
 class _Sink:
-    def __init__(self, target: FakeTarget, landing: DiskLanding, offset: int) -> None:
+    def __init__(self, target: FakeTarget, landing: DiskLanding, offset: int, length: int) -> None:
         self._target = target
         self._landing = landing
         self.position = offset
+        self.length = length  # bytes announced: the disk's size, or a VHD file's
 
     def write(self, data: bytes, /) -> int:
         target = self._target
         target.faults.enter("sink_write", self._landing.ref, {"offset": self.position, "size": len(data)})
+        if self.position + len(data) > self.length:
+            raise PermanentError(f"landing {self._landing.ref}: more than the announced {self.length} bytes")
         target.world.write_blob(self._landing.ref, self.position, data)
         self.position += len(data)
         target.world.landings[self._landing.ref]["written"] = self.position
@@ -214,12 +235,37 @@ class _Sink:
         return self.position
 
     def close(self) -> None:
-        world = self._target.world
-        world.landings[self._landing.ref]["complete"] = True
+        target, ref = self._target, self._landing.ref
+        world = target.world
+        if self.position != self.length:
+            raise PermanentError(f"landing {ref} closed after {self.position} of {self.length} bytes")
+        if self._landing.format == "vhd":
+            world.replace_blob(ref, _decode_vhd(bytes(world.data[ref]), self._landing.size_bytes))
+        at = target.corruptions.pop(self._landing.disk_key, None)
+        if at is not None:
+            broken = bytearray(world.data[ref])
+            broken[at] ^= 0xFF
+            world.replace_blob(ref, bytes(broken))
+        world.landings[ref]["complete"] = True
         world.save()
 
     def abort(self) -> None:
         pass
+
+
+def _decode_vhd(data: bytes, size: int) -> bytes:
+    """The raw disk a VHD file holds, decoded by the XAPI fake's importer."""
+    out = io.BytesIO(bytes(size))
+    view = memoryview(data)
+    pos = [0]
+
+    def read(n: int) -> bytes:
+        chunk = bytes(view[pos[0] : pos[0] + n])
+        pos[0] += len(chunk)
+        return chunk
+
+    vhd.decode(read, len(data), SparseWriter(out, size))
+    return out.getvalue()
 
 
 class FakeTarget:
@@ -233,12 +279,19 @@ class FakeTarget:
         kind: TargetKind = "proxmox",
         hook: Hook | None = None,
         resumable: bool = True,
+        digests: bool = True,
     ) -> None:
         self.world = world
         self._name = name
         self._kind: TargetKind = kind
         self.faults = _Faults(hook)
         self.resumable = resumable
+        self.digests = digests  # False: landing_digest answers None, as XCP-ng does
+        self.corruptions: dict[str, int] = {}  # disk key -> offset of the byte the next landing gets wrong
+
+    def corrupt(self, disk_key: str, offset: int) -> None:
+        """The next landing of ``disk_key`` to complete holds the byte at ``offset`` inverted."""
+        self.corruptions[disk_key] = offset
 
     @property
     def name(self) -> str:
@@ -298,19 +351,30 @@ class FakeTarget:
             self.world.save()
         intent.note("landing", ref)
         self.faults.leave("prepare_disk", disk.key)
-        return DiskLanding(disk.key, self._name, ref, "raw", disk.size_bytes, "n1", self.resumable, temporary)
+        # XCP-ng imports a VHD as sent; Proxmox's import-from reads the raw landing.
+        fmt = disk.landing_format if self._kind == "xcpng" and disk.landing_format == "vhd" else "raw"
+        resumable = self.resumable and fmt == "raw"
+        return DiskLanding(disk.key, self._name, ref, fmt, disk.size_bytes, "n1", resumable, temporary)
 
-    def receive_disk(self, landing: DiskLanding, offset: int = 0) -> DiskSink:
-        self.faults.enter("receive_disk", landing.ref, {"offset": offset})
+    def receive_disk(self, landing: DiskLanding, offset: int = 0, *, length: int | None = None) -> DiskSink:
+        self.faults.enter("receive_disk", landing.ref, {"offset": offset, "length": length})
         if offset and not landing.resumable:
             raise PermanentError(f"landing {landing.ref} cannot continue at an offset")
+        if landing.format != "vhd" and length not in (None, landing.size_bytes):
+            raise PermanentError(f"raw landing {landing.ref} takes {landing.size_bytes} bytes, not {length}")
         meta = self.world.landings[landing.ref]
         if offset > meta["written"]:
             raise PermanentError(
                 f"landing {landing.ref} has {meta['written']} bytes, cannot continue at {offset}"
             )
         self.world.truncate(landing.ref, offset)
-        return _Sink(self, landing, offset)
+        return _Sink(self, landing, offset, landing.size_bytes if length is None else length)
+
+    def landing_digest(self, landing: DiskLanding) -> str | None:
+        self.faults.enter("landing_digest", landing.ref)
+        if not self.digests:
+            return None
+        return hashlib.sha256(bytes(self.world.data[landing.ref])).hexdigest()
 
     def create_vm(self, vm: VmSpec, intent: Intent) -> tuple[TargetVm, tuple[CreatedObject, ...]]:
         self.faults.enter("create_vm", vm.name, {"intent": intent})

@@ -15,6 +15,10 @@ step               Proxmox VE                              XCP-ng
 ``start_vm``       ``/status/start`` (UPID)                ``VM.start``
 =================  ======================================  ======================================
 
+After a disk is sent, ``landing_digest`` reads back what landed so the transfer step can
+compare it with the source's sha256: Proxmox VE runs ``sha256sum`` on the node; XCP-ng
+answers None (a VDI cannot be read back cheaply), and the transfer is then unverified.
+
 Two rules every connector keeps:
 
 * **Faults are translated at the border.** Only ``TransientError`` (retrying may help:
@@ -273,8 +277,17 @@ class Target(Protocol):
         """Make (or find, if this run made it already) the landing for ``disk``."""
         ...
 
-    def receive_disk(self, landing: DiskLanding, offset: int = 0) -> DiskSink:
-        """A sink writing into ``landing`` from ``offset`` (0 unless ``landing.resumable``)."""
+    def receive_disk(self, landing: DiskLanding, offset: int = 0, *, length: int | None = None) -> DiskSink:
+        """A sink writing into ``landing`` from ``offset`` (0 unless ``landing.resumable``).
+
+        ``length`` is how many bytes will be written in all when that is not the disk's size:
+        a ``vhd`` landing takes a VHD file, whose size only the sender knows. A raw landing
+        takes exactly ``landing.size_bytes`` and refuses any other length.
+        """
+        ...
+
+    def landing_digest(self, landing: DiskLanding) -> str | None:
+        """sha256 (hex) of the guest-visible bytes in ``landing``, or None when the target cannot tell."""
         ...
 
     def create_vm(self, vm: VmSpec, intent: Intent) -> tuple[TargetVm, tuple[CreatedObject, ...]]:

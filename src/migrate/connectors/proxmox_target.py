@@ -51,6 +51,7 @@ VMID_TRIES: Final = 10
 START_TIMEOUT: Final = 300.0
 IMPORT_FLOOR_BPS: Final = 20 * 1024 * 1024  # the slowest import rate waited for before giving up
 _POWER: Final[dict[str, PowerState]] = {"running": "on", "stopped": "off"}
+_SHA256: Final = re.compile(r"[0-9a-f]{64}")
 
 
 class ProxmoxExecTarget:
@@ -402,14 +403,37 @@ class ProxmoxExecTarget:
             disk.key, self._name, path, "raw", disk.size_bytes, node, resumable=True, temporary=True
         )
 
-    def receive_disk(self, landing: DiskLanding, offset: int = 0) -> LandingSink:
+    def receive_disk(
+        self, landing: DiskLanding, offset: int = 0, *, length: int | None = None
+    ) -> LandingSink:
         if not vmconfig.is_landing_path(landing.ref) or not 0 <= offset <= landing.size_bytes:
             raise PermanentError(
                 f"cannot write landing {landing.ref!r} from byte {offset}", system=self._name
             )
+        if length not in (None, landing.size_bytes):
+            # The import converts from raw: a landing holds the disk's bytes, nothing else.
+            raise PermanentError(
+                f"landing {landing.ref!r} takes the disk's {landing.size_bytes} raw bytes, not {length}",
+                system=self._name,
+                hint="plan Proxmox disks with landing format raw",
+            )
         shell = self.shell(landing.node)
         landing_files.reset(shell, landing, offset)
         return LandingSink(shell, landing, offset)
+
+    def landing_digest(self, landing: DiskLanding) -> str | None:
+        """sha256 of the landing file, computed on its node (it reads the whole file once)."""
+        if not vmconfig.is_landing_path(landing.ref):
+            raise PermanentError(f"{landing.ref!r} is not a landing of migrate", system=self._name)
+        # sha256sum starts its line with a backslash when the path holds one (or a newline).
+        digest = self.shell(landing.node).sha256(landing.ref).lstrip("\\").lower()
+        if not _SHA256.fullmatch(digest):
+            raise PermanentError(
+                f"sha256sum of {landing.ref} on node {landing.node} answered {digest[:80]!r}",
+                system=self._name,
+                hint="check that coreutils' sha256sum works on the node",
+            )
+        return digest
 
     def _volid(self, path: str) -> str:
         """The volume id (``local:import/x.raw``) PVE knows the landing at ``path`` by."""

@@ -295,9 +295,19 @@ class XcpngTarget:
                 f"XCP-ng imports cannot resume at byte {offset}; send the whole disk again",
                 system=self._system,
             )
+        if landing.format != "vhd" and length not in (None, landing.size_bytes):
+            raise PermanentError(
+                f"a raw import into VDI {landing.ref} takes the disk's {landing.size_bytes} bytes, "
+                f"not {length}",
+                system=self._system,
+            )
         vdi = str(self.session.call("VDI.get_by_uuid", landing.ref))
         length = landing.size_bytes if length is None else length
         return VdiUpload(self.session, vdi, length, fmt="vhd" if landing.format == "vhd" else "raw")
+
+    def landing_digest(self, landing: DiskLanding) -> str | None:
+        """None: reading a VDI back means exporting it over HTTP, as costly as the upload itself."""
+        return None
 
     def create_vm(self, vm: VmSpec, intent: Intent) -> tuple[TargetVm, tuple[CreatedObject, ...]]:
         """Clone ``vm.template``, size it, tag it and give it its NICs (no disks: see attach_disks)."""

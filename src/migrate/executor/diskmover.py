@@ -10,13 +10,23 @@ Two paths, chosen by the disk:
   and extents (each resumable by byte offset) into the run's staging directory, ``convert``
   consolidates them with qemu-img into one sparse raw image, and ``send`` streams that.
 
+Where the bytes go depends on the landing's format:
+
+* **raw** (Proxmox landings, XCP-ng raw SRs): the guest bytes are written into the target's
+  sink as they come, from the resume offset.
+* **vhd** (XCP-ng VHD-based SRs): the guest bytes are written into a dynamic VHD in the
+  staging directory (qemu-nbd; zero blocks are never written, so only allocated blocks take
+  room), which is then uploaded whole and deleted. One disk's VHD at a time is staged, and
+  an upload cannot resume: a retry builds and sends it again.
+
 The sha256 of the guest-visible bytes is computed while sending; after a resume the bytes
 before the offset are hashed again from the source (read only), so the digest always covers
-the whole disk.
+the whole disk. For a VHD landing it is still the raw guest content's digest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import queue
 import threading
@@ -28,9 +38,11 @@ import structlog
 from migrate import failpoints
 from migrate.connectors.base import DatastoreFile, DiskLanding, DiskReader, DiskSpec, Source, VmSpec
 from migrate.disks import qemu
+from migrate.disks.sinks import QemuNbdSink
+from migrate.disks.stream import nonzero_runs
 from migrate.disks.vmdk import parse_descriptor
 from migrate.errors import PermanentError
-from migrate.executor.progress import Board
+from migrate.executor.progress import Board, Task
 from migrate.executor.steps import Changed, Noop, Outcome, Sent, StepContext
 
 log = structlog.get_logger(__name__)
@@ -40,6 +52,7 @@ CHUNK = 8 << 20
 # it also ends the SSH stream, so not too often.
 FLUSH_EVERY = 1 << 30
 AHEAD = 4  # chunks read ahead of the writer: memory stays at ~(AHEAD + 2) x CHUNK
+UPLOAD_CHUNK = 1 << 20  # a staged VHD is read locally: small writes cost nothing and keep progress smooth
 
 
 def _basename(path: str) -> str:
@@ -125,26 +138,44 @@ class PipelineMover:
         files = ctx.services.source.disk_files(ctx.vm, disk)
         return _Concatenated(ctx.services.source, list(files), offset)
 
-    def send(self, ctx: StepContext[VmSpec], disk: DiskSpec, landing: DiskLanding, offset: int) -> Sent:
+    def _bar(self, ctx: StepContext[VmSpec], label: str, total: int, done: int = 0) -> Task | None:
+        return self._board.task(f"{ctx.vm.name} {label}", total, done) if self._board else None
+
+    def _hash_prefix(self, ctx: StepContext[VmSpec], disk: DiskSpec, offset: int) -> hashlib._Hash:
+        """A sha256 fed with the disk's first ``offset`` bytes, read again from the source."""
         digest = hashlib.sha256()
-        if offset:
-            prefix = self._open(ctx, disk, 0)
-            try:
-                remaining = offset
-                while remaining:
-                    chunk = prefix.read(min(CHUNK, remaining))
-                    if not chunk:
-                        break
-                    digest.update(chunk)
-                    remaining -= len(chunk)
-            finally:
-                prefix.close()
+        if not offset:
+            return digest
+        prefix = self._open(ctx, disk, 0)
+        try:
+            remaining = offset
+            while remaining:
+                chunk = prefix.read(min(CHUNK, remaining))
+                if not chunk:
+                    break
+                digest.update(chunk)
+                remaining -= len(chunk)
+        finally:
+            prefix.close()
+        return digest
+
+    def _check_size(self, ctx: StepContext[VmSpec], disk: DiskSpec, done: int) -> None:
+        if done != disk.size_bytes:
+            raise PermanentError(
+                f"{disk.label}: sent {done} bytes, the disk has {disk.size_bytes}",
+                vm=ctx.vm.key,
+                step=ctx.step,
+                hint="the source disk changed size; re-run migrate plan",
+            )
+
+    def send(self, ctx: StepContext[VmSpec], disk: DiskSpec, landing: DiskLanding, offset: int) -> Sent:
+        if landing.format == "vhd":
+            return self._send_vhd(ctx, disk, landing, offset)
+        digest = self._hash_prefix(ctx, disk, offset)
         reader = self._open(ctx, disk, offset)
         sink = ctx.services.target.receive_disk(landing, offset)
         done, reported = offset, offset
-        bar = (
-            self._board.task(f"{ctx.vm.name} {disk.label}", disk.size_bytes, offset) if self._board else None
-        )
+        bar = self._bar(ctx, disk.label, disk.size_bytes, offset)
         try:
             for chunk in _read_ahead(reader):
                 digest.update(chunk)
@@ -164,16 +195,114 @@ class PipelineMover:
             reader.close()
             if bar is not None:
                 bar.finish()
-        if done != disk.size_bytes:
-            raise PermanentError(
-                f"{disk.label}: sent {done} bytes, the disk has {disk.size_bytes}",
-                vm=ctx.vm.key,
-                step=ctx.step,
-                hint="the source disk changed size; re-run migrate plan",
-            )
+        self._check_size(ctx, disk, done)
         ctx.journal.transfer_progress(disk.key, done)
         log.info("disk_sent", disk=disk.key, bytes=done - offset, resumed_from=offset)
         return Sent(done, digest.hexdigest())
+
+    # -- VHD landings -----------------------------------------------------------------------
+
+    def _send_vhd(self, ctx: StepContext[VmSpec], disk: DiskSpec, landing: DiskLanding, offset: int) -> Sent:
+        if offset:
+            raise PermanentError(
+                f"{disk.label}: a VHD landing is sent whole, it cannot continue at byte {offset}",
+                vm=ctx.vm.key,
+                step=ctx.step,
+                system=landing.target,
+                hint="resume the run: the disk is sent again from its first byte",
+            )
+        image = self._dir(ctx.vm, disk) / "landing.vhd"
+        try:
+            digest = self._build_vhd(ctx, disk, image)
+            wire = image.stat().st_size
+            self._upload(ctx, disk, landing, image, wire)
+        finally:
+            # Bounded staging: the VHD is rebuilt for any retry, so it never outlives this call.
+            image.unlink(missing_ok=True)
+            image.with_name(image.name + ".progress").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a chain's staged files keep the folder
+                image.parent.rmdir()
+        ctx.journal.transfer_progress(disk.key, disk.size_bytes)
+        log.info(
+            "disk_sent", disk=disk.key, bytes=disk.size_bytes, resumed_from=0, format="vhd", wire_bytes=wire
+        )
+        return Sent(disk.size_bytes, digest)
+
+    def _build_vhd(self, ctx: StepContext[VmSpec], disk: DiskSpec, image: Path) -> str:
+        """Write the disk's guest bytes into a new dynamic VHD at ``image``; returns their sha256."""
+        image.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        # A scratch image: it is uploaded right after qemu-nbd closes it, or rebuilt, never resumed.
+        sink = QemuNbdSink(image, "vpc", durable=False)
+        reader = self._open(ctx, disk, 0)
+        bar = self._bar(ctx, f"{disk.label} (vhd)", disk.size_bytes)
+        done = 0
+        try:
+            sink.size(disk.size_bytes)
+            for chunk in _read_ahead(reader):
+                if done + len(chunk) > disk.size_bytes:
+                    self._check_size(ctx, disk, done + len(chunk))
+                digest.update(chunk)
+                view = memoryview(chunk)
+                for start, end in nonzero_runs(chunk):  # zeros stay unallocated blocks
+                    sink.write_at(done + start, view[start:end])
+                done += len(chunk)
+                if bar is not None:
+                    bar.advance(len(chunk))
+                failpoints.reached("transfer-chunk")
+            self._check_size(ctx, disk, done)
+            result = sink.finish()
+        except PermanentError as exc:
+            sink.abort()
+            if "no space left" in exc.message:
+                raise PermanentError(
+                    f"building the VHD of {disk.label} in {image.parent}: no space left",
+                    vm=ctx.vm.key,
+                    step=ctx.step,
+                    system="local",
+                    hint=f"free space in {self._staging} (one disk's VHD at a time, up to its allocated "
+                    "size), then resume the run",
+                ) from exc
+            raise
+        except BaseException:
+            sink.abort()
+            raise
+        finally:
+            reader.close()
+            if bar is not None:
+                bar.finish()
+        info = qemu.image_info(image, "vpc")
+        if info.virtual_size != disk.size_bytes:
+            raise PermanentError(
+                f"the VHD built for {disk.label} holds {info.virtual_size} bytes, "
+                f"the disk has {disk.size_bytes}",
+                vm=ctx.vm.key,
+                step=ctx.step,
+                system="qemu",
+            )
+        log.info(
+            "vhd_built", disk=disk.key, bytes=disk.size_bytes, file_bytes=result.file_size, path=str(image)
+        )
+        return digest.hexdigest()
+
+    def _upload(
+        self, ctx: StepContext[VmSpec], disk: DiskSpec, landing: DiskLanding, image: Path, length: int
+    ) -> None:
+        sink = ctx.services.target.receive_disk(landing, 0, length=length)
+        bar = self._bar(ctx, f"{disk.label} (upload)", length)
+        try:
+            with open(image, "rb") as handle:
+                while chunk := handle.read(UPLOAD_CHUNK):
+                    sink.write(chunk)
+                    if bar is not None:
+                        bar.advance(len(chunk))
+            sink.close()
+        except BaseException:
+            sink.abort()
+            raise
+        finally:
+            if bar is not None:
+                bar.finish()
 
 
 class _Concatenated:

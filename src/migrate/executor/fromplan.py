@@ -13,12 +13,18 @@ from migrate.connectors.base import DiskFormat, DiskSpec, NicSpec, ShutdownPolic
 from migrate.errors import PlanError
 from migrate.executor.runner import Wave, Work
 from migrate.executor.steps import Options, Verify
+from migrate.model import TargetKind
 from migrate.plan import DiskPlan, NicPlan, Plan, VmPlan
 
 _FORMATS: dict[str, DiskFormat] = {"raw": "raw", "qcow2": "qcow2", "vpc": "vhd", "vhd": "vhd", "vmdk": "vmdk"}
 
 
-def _disk(disk: DiskPlan) -> DiskSpec:
+def _landing_format(kind: TargetKind, fmt: DiskFormat) -> DiskFormat:
+    """Proxmox's import converts from raw; XCP-ng takes a dynamic VHD, so only allocated blocks travel."""
+    return "vhd" if kind == "xcpng" and fmt == "vhd" else "raw"
+
+
+def _disk(disk: DiskPlan, kind: TargetKind) -> DiskSpec:
     fmt = _FORMATS.get(disk.format)
     if fmt is None:
         raise PlanError(
@@ -35,8 +41,7 @@ def _disk(disk: DiskPlan) -> DiskSpec:
         datacenter=disk.datacenter,
         datastore=disk.datastore,
         source_chain=disk.chain,
-        # Bytes travel raw; Proxmox's import converts to the storage's format, XCP-ng takes raw VDIs.
-        landing_format="raw",
+        landing_format=_landing_format(kind, fmt),
         format=fmt,
         boot=disk.bootable,
         drive=disk.drive,
@@ -85,7 +90,7 @@ def vm_spec(plan: Plan, vm: VmPlan) -> VmSpec:
         vmid=vm.proxmox.vmid if vm.proxmox is not None else None,
         template=vm.xcpng.template if vm.xcpng is not None else "",
         settings=_settings(vm),
-        disks=tuple(_disk(d) for d in vm.disks),
+        disks=tuple(_disk(d, vm.kind) for d in vm.disks),
         nics=tuple(_nic(n) for n in vm.nics),
         power_on=plan.options.start_after,
     )

@@ -15,6 +15,9 @@ The contract of every step function:
   the VM (the run goes on with the others).
 
 Disk bytes (export, convert, send) are the pipeline's job, reached through ``DiskMover``.
+Once a disk is sent, ``transfer`` asks the target for the sha256 of what landed
+(``Target.landing_digest``) and fails the VM if it differs from the source's, with the
+transfer reset so that a resume sends that disk again from its first byte.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from migrate.connectors.base import (
     VmSpec,
     run_tag,
 )
-from migrate.errors import PreflightError, StepError, TransientError
+from migrate.errors import PermanentError, PreflightError, StepError, TransientError
 from migrate.executor.state import Journal
 
 log = structlog.get_logger(__name__)
@@ -106,7 +109,7 @@ class DiskMover(Protocol):
         ...
 
     def convert(self, ctx: StepContext[VmSpec], disk: DiskSpec) -> Outcome:
-        """Turn the staged files into one image in ``disk.landing_format``."""
+        """Consolidate the staged files into one raw image (``send`` writes it in the landing's format)."""
         ...
 
     def send(self, ctx: StepContext[VmSpec], disk: DiskSpec, landing: DiskLanding, offset: int) -> Sent:
@@ -315,11 +318,41 @@ def transfer(ctx: StepContext[VmSpec]) -> Outcome:
         else:
             log.info("transfer_resumed", disk=disk.key, offset=offset)
         sent = ctx.services.disks.send(ctx, disk, landing, offset)
+        verified = _verify_landing(ctx, disk, landing, sent)
         journal.transfer_done(disk.key, sent.bytes, sent.sha256)
-        moved[disk.key] = {"landing": landing.ref, "bytes": sent.bytes, "sha256": sent.sha256, "from": offset}
+        moved[disk.key] = {
+            "landing": landing.ref,
+            "bytes": sent.bytes,
+            "sha256": sent.sha256,
+            "from": offset,
+            "verified": verified,
+        }
     if not moved:
         return Noop(f"all {len(vm.disks)} disks already landed on {target.name}")
     return Changed({"disks": moved})
+
+
+def _verify_landing(ctx: StepContext[VmSpec], disk: DiskSpec, landing: DiskLanding, sent: Sent) -> bool:
+    """Compare what landed with the source's sha256; False when the target cannot read it back."""
+    target = ctx.services.target
+    landed = target.landing_digest(landing)
+    if landed is None:
+        log.info("disk_unverified", disk=disk.key, landing=landing.ref, target=target.name)
+        return False
+    if landed != sent.sha256:
+        # Nothing of this landing can be trusted, not even a prefix: a resume sends it all again.
+        ctx.journal.transfer_begin(landing, disk.size_bytes)
+        raise PermanentError(
+            f"disk {disk.label!r} of {ctx.vm.name!r} landed on {target.name} ({landing.ref}) with sha256 "
+            f"{landed}, but the source's is {sent.sha256}",
+            vm=ctx.vm.key,
+            step=ctx.step,
+            system=target.name,
+            hint="the bytes were damaged on the way or on the target's storage; check that storage, then "
+            "resume the run: the disk is sent again from its first byte",
+        )
+    log.info("disk_verified", disk=disk.key, landing=landing.ref, sha256=landed)
+    return True
 
 
 def create_vm(ctx: StepContext[VmSpec]) -> Outcome:
