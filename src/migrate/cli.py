@@ -148,7 +148,7 @@ def discover(inventory_path: Path, source: str | None, output: Path | None, fmt:
 
 def _dump(data: Any, fmt: str) -> str:
     if fmt == "yaml":
-        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+        return str(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
 
@@ -245,7 +245,7 @@ def _show_plan(result: Any, fmt: str, text: str) -> None:
     if fmt == "yaml":
         click.echo(text, nl=False)
     elif fmt in ("md", "html"):
-        click.echo(render(result, fmt))
+        click.echo(render(result, "md" if fmt == "md" else "html"))
     else:
         console = _stdout()
         for table in plan_tables(result):
@@ -301,12 +301,11 @@ def _execute(
         level="debug" if obj["verbose"] else "info",
         console_level=None if obj["verbose"] else "warning",
     )
-    options = dataclasses.replace(options_from_plan(plan_obj), staging_dir=store.run_dir(run_id) / "staging")
+    staging = store.run_dir(run_id) / "staging"
+    options = dataclasses.replace(options_from_plan(plan_obj), staging_dir=staging)
     with (
         open_board() as board,
-        ExecutionServices(
-            inventory, plan_obj.inputs.source, staging_dir=options.staging_dir, board=board
-        ) as services,
+        ExecutionServices(inventory, plan_obj.inputs.source, staging_dir=staging, board=board) as services,
     ):
         runner = Runner(store, STEPS, services.for_vm, options=options)
         summary = runner.run(work_from_plan(plan_obj), plan_path=str(plan_path), run_id=run_id)

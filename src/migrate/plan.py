@@ -432,6 +432,7 @@ def load_plan(path: Path | str) -> Plan:
 # -- drift ----------------------------------------------------------------------------------------
 
 DriftKind = Literal[
+    "vm-replaced",
     "vm-missing",
     "hardware",
     "disks",

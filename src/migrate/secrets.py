@@ -48,7 +48,7 @@ class Secret:
     def __hash__(self) -> int:
         return hash(self._reference)
 
-    def __reduce__(self) -> object:  # never pickle the value (e.g. into a worker or a crash dump)
+    def __reduce__(self) -> str | tuple[object, ...]:  # never pickle the value (into a worker, a dump)
         raise TypeError("Secret cannot be pickled")
 
 

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from xml.parsers.expat import ExpatError
 
 import structlog
-import XenAPI  # type: ignore[import-untyped]
+import XenAPI
 
 from migrate.errors import (
     AuthError,

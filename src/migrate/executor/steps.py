@@ -232,9 +232,9 @@ def preflight(ctx: StepContext[VmSpec]) -> Outcome:
     power = source.power_state(vm)
     tag = run_tag(ctx.run_id)
     clashes = {v.id: v for v in target.find_vm(name=vm.name) if tag not in v.tags}
-    if vm.vmid is not None and (taken := [v for v in target.find_vm(vmid=vm.vmid) if tag not in v.tags]):
+    if vm.vmid is not None and (holders := [v for v in target.find_vm(vmid=vm.vmid) if tag not in v.tags]):
         # Not a blocker: create_vm picks the next free VMID (noted in its intent) and leaves that VM be.
-        log.warning("vmid_taken", vmid=vm.vmid, by=taken[0].name, hint="a free VMID will be used instead")
+        log.warning("vmid_taken", vmid=vm.vmid, by=holders[0].name, hint="a free VMID will be used instead")
     if clashes:
         taken = ", ".join(f"{v.name!r} ({v.id})" for v in clashes.values())
         raise PreflightError(
