@@ -111,6 +111,16 @@ def test_proxmox_vms_of_the_same_run_arrive(migrated: tuple[Lab, Plan, str]) -> 
             assert guest_sha256(image) == seeded_disk.sha256
 
 
+def test_every_vm_was_verified_by_booting(migrated: tuple[Lab, Plan, str]) -> None:
+    """With verify: boot, each VM's verify step saw its guest answer: its migrated disk booted under QEMU."""
+    lab, plan, _ = migrated
+    assert plan.options.verify == "boot"
+    report = json.loads(lab.migrate("report", _latest_run(lab), "--format", "json", check=0).stdout)
+    """With verify: boot, each VM's verify step saw its guest answer: its migrated disk booted (QEMU)."""
+    assert set(notes) == {v.name for v in plan.vms}
+    assert all("guest_agent=True" in note for note in notes.values()), notes
+
+
 def test_rollback_leaves_targets_as_before(migrated: tuple[Lab, Plan, str], before: dict[str, Any]) -> None:
     """`migrate rollback RUN` removes exactly what the run made: both targets are back to their counts."""
     lab, _, _ = migrated
