@@ -112,11 +112,11 @@ def test_proxmox_vms_of_the_same_run_arrive(migrated: tuple[Lab, Plan, str]) -> 
 
 
 def test_every_vm_was_verified_by_booting(migrated: tuple[Lab, Plan, str]) -> None:
-    """With verify: boot, each VM's verify step saw its guest answer: its migrated disk booted under QEMU."""
+    """With verify: boot, each VM's verify step saw its guest answer: its migrated disk booted (QEMU)."""
     lab, plan, _ = migrated
     assert plan.options.verify == "boot"
     report = json.loads(lab.migrate("report", _latest_run(lab), "--format", "json", check=0).stdout)
-    """With verify: boot, each VM's verify step saw its guest answer: its migrated disk booted (QEMU)."""
+    notes = {vm["name"]: next(s["note"] for s in vm["steps"] if s["step"] == "verify") for vm in report["vms"]}
     assert set(notes) == {v.name for v in plan.vms}
     assert all("guest_agent=True" in note for note in notes.values()), notes
 
