@@ -116,7 +116,7 @@ def test_every_vm_was_verified_by_booting(migrated: tuple[Lab, Plan, str]) -> No
     lab, plan, _ = migrated
     assert plan.options.verify == "boot"
     report = json.loads(lab.migrate("report", _latest_run(lab), "--format", "json", check=0).stdout)
-    notes = {vm["name"]: next(s["note"] for s in vm["steps"] if s["step"] == "verify") for vm in report["vms"]}
+    notes = {v["name"]: next(s["note"] for s in v["steps"] if s["step"] == "verify") for v in report["vms"]}
     assert set(notes) == {v.name for v in plan.vms}
     assert all("guest_agent=True" in note for note in notes.values()), notes
 
