@@ -154,6 +154,14 @@ def test_proxmox_devices(
     assert dev.reason
 
 
+def test_vhd_too_large_becomes_raw() -> None:
+    """A disk over VHD's 2040 GiB goes to an XCP-ng VHD SR as raw, saying why; smaller ones stay VHD."""
+    assert mapping.disk_format("xcpng", "nfs", {}, 2040 * 1024**3)[0] == "vhd"
+    fmt, reason = mapping.disk_format("xcpng", "nfs", {}, 2041 * 1024**3)
+    assert fmt == "raw" and "2040 GiB" in reason
+    assert mapping.disk_format("proxmox", "dir", {}, 4096 * 1024**3)[0] == "qcow2"
+
+
 @pytest.mark.parametrize(
     ("kind", "storage_type", "overrides", "fmt"),
     [

@@ -355,8 +355,24 @@ XCP_FORMATS: Final[Mapping[str, XcpFormat]] = dict.fromkeys(
 )
 
 
-def disk_format(kind: str, storage_type: str, overrides: Mapping[str, str]) -> tuple[str, str]:
-    """Image format for a storage type on a target kind, and why."""
+# A dynamic VHD addresses at most 2040 GiB; XCP-ng takes larger disks only as raw.
+VHD_MAX_BYTES: Final = 2040 * 1024**3
+
+
+def disk_format(
+    kind: str, storage_type: str, overrides: Mapping[str, str], capacity_bytes: int = 0
+) -> tuple[str, str]:
+    """Image format for a storage type on a target kind (and a disk of that size), and why."""
+    fmt, why = _table_format(kind, storage_type, overrides)
+    if fmt == "vhd" and capacity_bytes > VHD_MAX_BYTES:
+        return (
+            "raw",
+            f"{why}, but VHD stops at 2040 GiB and this disk has {capacity_bytes / 1024**3:.0f} GiB: raw",
+        )
+    return fmt, why
+
+
+def _table_format(kind: str, storage_type: str, overrides: Mapping[str, str]) -> tuple[str, str]:
     if storage_type in overrides:
         return overrides[
             storage_type

@@ -821,7 +821,7 @@ class _Planner:
         out = []
         overrides = self.opts.disk_format.proxmox if kind == "proxmox" else self.opts.disk_format.xcpng
         for i, (disk, pool, pool_why) in enumerate(zip(d.disks, d.pools, d.pool_reasons, strict=True)):
-            fmt, fmt_why = mapping.disk_format(kind, pool.storage.type, overrides)
+            fmt, fmt_why = mapping.disk_format(kind, pool.storage.type, overrides, disk.capacity_bytes)
             method: TransferMethod = "ssh-import" if kind == "proxmox" else "xapi-import-raw-vdi"
             drive = vdi_name = ""
             if kind == "proxmox":
