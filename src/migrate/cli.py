@@ -37,6 +37,18 @@ def _stderr() -> Console:
     return Console(stderr=True, soft_wrap=True, highlight=False)
 
 
+def inventory_option(help_text: str, *, required: bool = False) -> Callable[[F], F]:
+    """``-i/--inventory``, the same on every command that talks to vSphere or a target."""
+    return click.option(
+        "-i",
+        "--inventory",
+        "inventory_path",
+        required=required,
+        type=click.Path(path_type=Path),
+        help=help_text,
+    )
+
+
 def handle_errors(func: F) -> F:
     """Turn migrate's errors into one readable message and an exit code; never a traceback."""
 
@@ -103,14 +115,7 @@ def _configure_logging(state_dir: Path, verbose: bool) -> None:
 
 
 @main.command()
-@click.option(
-    "-i",
-    "--inventory",
-    "inventory_path",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Inventory YAML naming the vSphere source(s).",
-)
+@inventory_option("Inventory YAML naming the vSphere source(s).", required=True)
 @click.option("--source", help="Which source of the inventory (needed when it has several).")
 @click.option(
     "-o",
@@ -156,14 +161,7 @@ def _dump(data: Any, fmt: str) -> str:
 
 
 @main.command()
-@click.option(
-    "-i",
-    "--inventory",
-    "inventory_path",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Inventory YAML with the source and the targets.",
-)
+@inventory_option("Inventory YAML with the source and the targets.", required=True)
 @click.option(
     "-p",
     "--playbook",
@@ -321,13 +319,7 @@ def _execute(
 
 @main.command()
 @click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "-i",
-    "--inventory",
-    "inventory_path",
-    type=click.Path(path_type=Path),
-    help="Inventory to use (default: the one the plan was made with).",
-)
+@inventory_option("Inventory to use (default: the one the plan was made with).")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation after showing the plan.")
 @click.pass_obj
 @handle_errors
@@ -378,13 +370,7 @@ def run(obj: dict[str, Any], plan_path: Path, inventory_path: Path | None, yes: 
 
 @main.command()
 @click.argument("run_id", metavar="RUN")
-@click.option(
-    "-i",
-    "--inventory",
-    "inventory_path",
-    type=click.Path(path_type=Path),
-    help="Inventory to use (default: the one the plan was made with).",
-)
+@inventory_option("Inventory to use (default: the one the plan was made with).")
 @click.pass_obj
 @handle_errors
 def resume(obj: dict[str, Any], run_id: str, inventory_path: Path | None) -> None:
@@ -444,13 +430,7 @@ def report(obj: dict[str, Any], run_id: str, fmt: str, output: Path | None) -> N
 @click.option(
     "--vm", "vm_names", multiple=True, help="Only this VM (repeatable); default: every VM of the run."
 )
-@click.option(
-    "-i",
-    "--inventory",
-    "inventory_path",
-    type=click.Path(path_type=Path),
-    help="Inventory to use (default: the one the plan was made with).",
-)
+@inventory_option("Inventory to use (default: the one the plan was made with).")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_obj
 @handle_errors
