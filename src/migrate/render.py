@@ -7,12 +7,11 @@ from rich.table import Table
 from migrate.model import SourceInventory, Vm
 from migrate.plan import Plan
 from migrate.plan_render import summarize
-
-GIB = 1024**3
+from migrate.units import human_bytes
 
 
 def _disks(vm: Vm) -> str:
-    return " + ".join(f"{d.capacity_bytes / GIB:g}" for d in vm.disks) or "-"
+    return " + ".join(human_bytes(d.capacity_bytes) for d in vm.disks) or "-"
 
 
 def inventory_table(inventory: SourceInventory) -> Table:
@@ -21,7 +20,7 @@ def inventory_table(inventory: SourceInventory) -> Table:
         f"{len(inventory.vms)} VMs, {len(inventory.hosts)} hosts, {len(inventory.datastores)} datastores",
         title_justify="left",
     )
-    for column in ("VM", "power", "guest", "fw", "vCPU", "MiB", "disks GiB", "NICs", "folder", "notes"):
+    for column in ("VM", "power", "guest", "fw", "vCPU", "MiB", "disks", "NICs", "folder", "notes"):
         table.add_column(column, overflow="fold")
     for vm in inventory.vms:
         notes = []
@@ -53,12 +52,12 @@ def plan_tables(plan: Plan) -> list[Table]:
     summary = summarize(plan)
     waves = Table(
         title=f"plan {summary.playbook} ({summary.content_hash[:12]}): {summary.total_vms} VMs, "
-        f"{summary.total_gib:.1f} GiB, {summary.blocked_vms} blocked",
+        f"{human_bytes(summary.total_disk_bytes)}, {summary.blocked_vms} blocked",
         title_justify="left",
     )
-    for column in ("wave", "concurrency", "target", "VMs", "GiB", "memory MiB"):
+    for column in ("wave", "concurrency", "target", "VMs", "disks", "memory MiB"):
         waves.add_column(
-            column, justify="right" if column in ("concurrency", "VMs", "GiB", "memory MiB") else "left"
+            column, justify="right" if column in ("concurrency", "VMs", "disks", "memory MiB") else "left"
         )
     for row in summary.rows:
         waves.add_row(
@@ -66,7 +65,7 @@ def plan_tables(plan: Plan) -> list[Table]:
             str(row.concurrency),
             row.target or "-",
             str(row.vms),
-            f"{row.disk_bytes / GIB:.1f}",
+            human_bytes(row.disk_bytes),
             str(row.memory_mib),
         )
     tables = [waves]
