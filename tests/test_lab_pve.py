@@ -7,30 +7,22 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
+import fixtures_pve
 from migrate.errors import LabError
-from migrate.lab.certs import CertPaths, make_certs
+from migrate.lab.certs import CertPaths
 from migrate.lab.pve import MIGRATE_PRIVILEGES, RunningPve, start_pve
 
 MiB = 1024 * 1024
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> CertPaths:
-    return make_certs(tmp_path_factory.mktemp("certs"))
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, certs: CertPaths) -> Iterator[RunningPve]:
-    running = start_pve(tmp_path_factory.mktemp("lab"), certs)
-    yield running
-    running.stop()
+certs = fixtures_pve.certs
+cluster = fixtures_pve.cluster
 
 
 def _api(cluster: RunningPve, method: str, path: str, **params: Any) -> requests.Response:

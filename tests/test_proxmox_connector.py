@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+import fixtures_pve
 from migrate import model
 from migrate.connectors.nodeshell import NodeShell
 from migrate.connectors.proxmox import ProxmoxTarget
@@ -24,24 +25,15 @@ from migrate.errors import (
     UnreachableError,
 )
 from migrate.inventory import ProxmoxSpec
-from migrate.lab.certs import CertPaths, make_certs
+from migrate.lab.certs import CertPaths
 from migrate.lab.pve import PveSeed, RunningPve, default_seed, start_pve
 from migrate.lab.sshd import start_sshd
 
 MiB = 1024 * 1024
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> CertPaths:
-    return make_certs(tmp_path_factory.mktemp("certs"))
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, certs: CertPaths) -> Iterator[RunningPve]:
-    """A cluster the read-only tests share."""
-    running = start_pve(tmp_path_factory.mktemp("lab"), certs)
-    yield running
-    running.stop()
+certs = fixtures_pve.certs
+cluster = fixtures_pve.cluster
 
 
 @pytest.fixture
