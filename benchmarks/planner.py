@@ -17,6 +17,7 @@ import argparse
 import random
 import sys
 import time
+import tracemalloc
 from collections.abc import Callable
 
 from migrate.model import (
@@ -187,6 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"first-fit  : {naive_wall:7.3f} s wall {naive_cpu:7.3f} s CPU  {len(placed)} placed "
           "(memory and CPU only)")
     print(f"ratio      : {cpu / max(naive_cpu, 1e-9):7.1f}x the naive baseline's CPU time")
+    print("memory     : peak bytes allocated while planning (tracemalloc), by estate size")
+    for n in sorted({max(1, args.vms // 10), max(1, args.vms // 2), args.vms}):
+        small = estate(n)
+        tracemalloc.start()
+        build_plan(small, pb, {snap.name: snap})
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        print(f"  {n:6d} VMs: {peak / 2**20:7.1f} MiB ({peak / n / 1024:5.1f} KiB per VM)")
     # CPU time, not wall time: on a shared machine other processes stretch the wall clock.
     if cpu > args.budget:
         print(f"OVER BUDGET: {cpu:.3f} s CPU > {args.budget:.1f} s", file=sys.stderr)
