@@ -509,6 +509,14 @@ class FakeMover:
     def convert(self, ctx: StepContext[VmSpec], disk: DiskSpec) -> Outcome:
         return self._stage("convert", ctx, disk)
 
+    def release(self, ctx: StepContext[VmSpec]) -> int:
+        """Forget this VM's staged disks, as the real mover deletes their files."""
+        keys = {f"{ctx.vm.key}/{disk.key}" for disk in ctx.vm.disks}
+        freed = sum(len(self.staged[kind] & keys) for kind in self.staged)
+        for kind in self.staged:
+            self.staged[kind] -= keys
+        return freed
+
     def send(self, ctx: StepContext[VmSpec], disk: DiskSpec, landing: DiskLanding, offset: int) -> Sent:
         (file,) = self.source.disk_files(ctx.vm, disk)
         digest = hashlib.sha256()

@@ -169,7 +169,10 @@ def test_snapshot_chain_is_consolidated_then_sent_as_vhd(store: StateStore, tmp_
     (length,) = lengths.seen
     assert length is not None and VHD_BLOCK < length < 2 * VHD_BLOCK  # all the data is in the first block
     assert store.step(summary.run_id, vm.key, "convert").status == "done"  # type: ignore[union-attr]
-    assert not list(staging.rglob("*.vhd*"))
+    # The VM is done: its staged chain and consolidated image are gone, and the step says how much.
+    assert list(staging.iterdir()) == []
+    done = store.step(summary.run_id, vm.key, "done")
+    assert done is not None and done.detail["staging_bytes_freed"] > SIZE // 2
 
 
 def test_a_damaged_landing_fails_the_vm_and_resume_sends_it_again(store: StateStore, tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import queue
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +70,17 @@ class PipelineMover:
     def _dir(self, vm: VmSpec, disk: DiskSpec) -> Path:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{vm.key}-{disk.key}")
         return self._staging / safe
+
+    def release(self, ctx: StepContext[VmSpec]) -> int:
+        freed = 0
+        for disk in ctx.vm.disks:
+            folder = self._dir(ctx.vm, disk)
+            if folder.is_dir():
+                freed += sum(p.stat().st_blocks * 512 for p in folder.rglob("*") if p.is_file())
+                shutil.rmtree(folder, ignore_errors=True)
+        if freed:
+            log.info("staging_released", bytes=freed)
+        return freed
 
     def _image(self, vm: VmSpec, disk: DiskSpec) -> Path:
         return self._dir(vm, disk) / "consolidated.raw"

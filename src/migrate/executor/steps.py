@@ -116,6 +116,10 @@ class DiskMover(Protocol):
         """Write the disk's bytes into ``landing`` from ``offset``; report ``journal.transfer_progress``."""
         ...
 
+    def release(self, ctx: StepContext[VmSpec]) -> int:
+        """Delete what this VM staged locally, once it is migrated; returns the bytes freed."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Services:
@@ -447,12 +451,15 @@ def verify(ctx: StepContext[VmSpec]) -> Outcome:
 
 
 def done(ctx: StepContext[VmSpec]) -> Outcome:
+    # Staging is freed per VM, so a long run's staging area holds only the VMs still in flight.
+    freed = ctx.services.disks.release(ctx)
     temporary = [o for o in ctx.journal.objects() if o.temporary]
-    if not temporary:
-        return Noop("no temporary objects to clean up")
-    ctx.services.target.remove(temporary)
-    ctx.journal.removed(*temporary)
-    return Changed({"removed": [o.id for o in temporary]})
+    if temporary:
+        ctx.services.target.remove(temporary)
+        ctx.journal.removed(*temporary)
+    if not temporary and not freed:
+        return Noop("no temporary objects or staged files to clean up")
+    return Changed({"removed": [o.id for o in temporary], "staging_bytes_freed": freed})
 
 
 STEPS: tuple[Step[VmSpec], ...] = (
