@@ -218,6 +218,9 @@ class DamagingMover:
     def convert(self, ctx: StepContext[VmSpec], disk: DiskSpec) -> Outcome:
         return self.inner.convert(ctx, disk)
 
+    def release(self, ctx: StepContext[VmSpec]) -> int:
+        return self.inner.release(ctx)
+
     def send(self, ctx: StepContext[VmSpec], disk: DiskSpec, landing: DiskLanding, offset: int) -> Sent:
         sent = self.inner.send(ctx, disk, landing, offset)
         if not self.damaged:

@@ -402,6 +402,9 @@ class ImageMover:
     def convert(self, ctx: StepContext[VmSpec], disk: DiskSpec) -> Outcome:
         return Noop("flat disk")
 
+    def release(self, ctx: StepContext[VmSpec]) -> int:
+        return 0  # nothing staged: the image streams from where it is
+
     def send(self, ctx: StepContext[VmSpec], disk: DiskSpec, landing: DiskLanding, offset: int) -> Sent:
         data = self.image.read_bytes()
         self.offsets.append(offset)

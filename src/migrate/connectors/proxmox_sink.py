@@ -32,7 +32,7 @@ log = structlog.get_logger(__name__)
 BLOCK: Final = 64 * 1024  # zero detection granularity, aligned to absolute offsets
 PIECE: Final = 1024 * 1024  # runs smaller than SMALL are gathered into records of about this size
 SMALL: Final = 256 * 1024
-DEPTH: Final = 8  # records queued ahead of the SSH channel (each at most one write, or PIECE)
+DEPTH: Final = 4  # records queued ahead of the SSH channel (each at most one write, or PIECE)
 _ZEROS: Final = bytes(BLOCK)
 _PUT_POLL: Final = 0.5
 
