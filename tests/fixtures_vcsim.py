@@ -15,6 +15,7 @@ without sharing state; tests inside a module share the seeded estate and must no
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,8 @@ import pytest
 from pyVim.connect import Disconnect
 from pyVmomi import vim
 
+from migrate.disks.datastore import DatastoreFiles
 from migrate.lab import certs, seeder, vcsim
-from migrate.lab.dshttp import DatastoreHttp
 from migrate.lab.estate import EstateSpec, SeededEstate, load_estate
 
 ROOT = Path(__file__).parents[1]
@@ -46,10 +47,15 @@ class SeededLab:
     def folder_url(self) -> str:
         return self.server.url.removesuffix("/sdk") + "/folder"
 
-    def http(self) -> DatastoreHttp:
-        """A datastore client authenticated with the session cookie, TLS verified by the lab CA."""
-        return DatastoreHttp(self.folder_url, datacenter=self.spec.datacenter, datastore=self.spec.datastore,
-                             cookie=self.si._stub.cookie, ca_file=self.ca)
+    def http(self) -> DatastoreFiles:
+        """The product's datastore reader, with the session cookie and TLS verified by the lab CA."""
+        return DatastoreFiles(
+            self.folder_url,
+            self.si._stub.cookie,
+            datacenter=self.spec.datacenter,
+            datastore=self.spec.datastore,
+            ca_file=self.ca,
+        )
 
     def seed_again(self) -> SeededEstate:
         return seeder.seed_estate(self.si, self.spec, datastore_url=self.folder_url, ca_file=self.ca)
@@ -62,8 +68,11 @@ def lab_certs(tmp_path_factory: pytest.TempPathFactory) -> certs.CertPaths:
 
 @pytest.fixture(scope="module")
 def vcsim_server(lab_certs: certs.CertPaths) -> Iterator[vcsim.RunningVcsim]:
-    server = vcsim.start(vcsim.VcsimOptions(tls_cert=str(lab_certs.cert), tls_key=str(lab_certs.key),
-                                            username=USER, password=PASSWORD))
+    server = vcsim.start(
+        vcsim.VcsimOptions(
+            tls_cert=str(lab_certs.cert), tls_key=str(lab_certs.key), username=USER, password=PASSWORD
+        )
+    )
     try:
         yield server
     finally:
@@ -80,3 +89,19 @@ def seeded_lab(vcsim_server: vcsim.RunningVcsim, lab_certs: certs.CertPaths) -> 
         yield SeededLab(vcsim_server, lab_certs.ca, si, spec, estate)
     finally:
         Disconnect(si)
+
+
+def file_sha256(files: DatastoreFiles, path: str) -> str:
+    """sha256 of a whole datastore file, streamed."""
+    digest = hashlib.sha256()
+    with files.read_range(path) as stream:
+        for piece in stream:
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def range_bytes(files: DatastoreFiles, path: str, offset: int, length: int) -> bytes:
+    """Exactly [offset, offset+length), and only if the server honoured the Range (HTTP 206)."""
+    with files.read_range(path, offset, offset + length) as stream:
+        assert stream.honoured and stream.offset == offset
+    return files.read_bytes(path, offset, offset + length)

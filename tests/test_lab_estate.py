@@ -134,15 +134,15 @@ def test_datastore_files_hold_the_expected_bytes(seeded_lab: SeededLab) -> None:
     assert len(files) == 18  # 8 disks x (descriptor + flat) + web-01's delta descriptor and extent
     with seeded_lab.http() as http:
         for file in files:
-            assert http.sha256(_relative(file.path)) == file.sha256, file.path
+            assert fixtures_vcsim.file_sha256(http, _relative(file.path)) == file.sha256, file.path
 
         plan = estatedisks.plan_vm(seeded_lab.spec.vm(DB))
         flat = plan.disks[1].files[1]
         assert isinstance(flat.content, estatedisks.Layout)
         tail = flat.content.chunks[-1]
-        got = http.get_range(_relative(f"[x] {flat.path}"), tail.offset - 100, 4196)
+        got = fixtures_vcsim.range_bytes(http, _relative(f"[x] {flat.path}"), tail.offset - 100, 4196)
         assert got == flat.content.read(tail.offset - 100, 4196) and got[:100] == bytes(100)
-        descriptor = http.get(_relative(seeded_lab.estate.vm(DB).disks[2].descriptor)).decode("utf-8")
+        descriptor = http.read_bytes(_relative(seeded_lab.estate.vm(DB).disks[2].descriptor)).decode("utf-8")
     assert 'createType="monolithicFlat"' in descriptor
     assert 'RW 32768 FLAT "Žluťoučký kůň %2f db_2-flat.vmdk" 0' in descriptor
 
@@ -159,7 +159,7 @@ def test_disks_without_snapshots_are_their_flat_extent(seeded_lab: SeededLab) ->
 def _download_chain(lab: SeededLab, disk: Any, into: Path) -> Path:
     with lab.http() as http:
         for file in disk.files:
-            http.download(_relative(file.path), into / _relative(file.path).rsplit("/", 1)[1])
+            http.download(_relative(file.path), into / _relative(file.path).rsplit("/", 1)[1], resume=False)
     return into / _relative(disk.descriptor).rsplit("/", 1)[1]
 
 

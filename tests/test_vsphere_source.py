@@ -224,7 +224,7 @@ def test_reads_from_a_middle_offset_return_exactly_the_rest(seeded_lab: SeededLa
     assert hashlib.sha256(prefix + rest).hexdigest() == seeded.sha256
     relative = file.path.split("] ", 1)[1]
     with seeded_lab.http() as http:
-        assert head == http.get_range(relative, offset, 70_000)
+        assert head == fixtures_vcsim.range_bytes(http, relative, offset, 70_000)
     with source.open_file(file, file.size_bytes) as reader:
         assert reader.read() == b""
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, NoReturn
+from typing import BinaryIO, NoReturn, Protocol
 from urllib.parse import quote, urlencode, urlsplit
 
 import requests
@@ -47,6 +47,15 @@ log = structlog.get_logger(__name__)
 SESSION_COOKIE = "vmware_soap_session"
 DEFAULT_CHUNK = 8 << 20
 _CONTENT_RANGE = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$")
+
+
+class SizedReader(Protocol):
+    """A body to upload whose length is known up front, so requests sends a Content-Length
+    (ESXi refuses chunked uploads) while the bytes stream."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+    def __len__(self) -> int: ...
 
 
 def session_cookie(raw: str) -> Secret:
@@ -194,7 +203,7 @@ class DatastoreFiles:
         *,
         headers: dict[str, str] | None = None,
         stream: bool = False,
-        data: bytes | BinaryIO | None = None,
+        data: bytes | BinaryIO | SizedReader | None = None,
     ) -> requests.Response:
         try:
             response = self._session.request(
@@ -386,7 +395,7 @@ class DatastoreFiles:
             )
         return DownloadResult(read, 0 if restarted else have, restarted, total)
 
-    def put(self, path: str, data: bytes | BinaryIO | Path) -> None:
+    def put(self, path: str, data: bytes | BinaryIO | SizedReader | Path) -> None:
         """Upload a file (the lab seeds datastores with it; vSphere accepts PUT on /folder too)."""
         if isinstance(data, Path):
             with open(data, "rb") as body:

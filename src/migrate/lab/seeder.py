@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,9 @@ from pyVim import connect as _connect
 from pyVmomi import vim as _vim
 from pyVmomi import vmodl as _vmodl
 
-from migrate.errors import LabError
+from migrate.disks.datastore import DatastoreFiles
+from migrate.errors import LabError, NotFoundError
 from migrate.lab import estatedisks
-from migrate.lab.dshttp import DatastoreHttp
 from migrate.lab.estate import EstateSpec, SeededDisk, SeededEstate, SeededFile, SeededVm, VmSpec
 from migrate.lab.estatedisks import PlannedDisk, PlannedVm
 from migrate.lab.vcsim import RunningVcsim
@@ -253,7 +253,43 @@ def connect(sdk_url: str, *, user: str, password: str, ca_file: Path | str | Non
 # -- seeding -------------------------------------------------------------------------------
 
 
-def _upload(http: DatastoreHttp, plan: PlannedVm) -> None:
+def _size(http: DatastoreFiles, path: str) -> int | None:
+    try:
+        return http.size(path)
+    except NotFoundError:
+        return None
+
+
+class _PieceReader:
+    """An iterator of bytes with a known total, read like a file: lab disks stream to the
+    datastore without being built in memory or on disk first."""
+
+    def __init__(self, pieces: Iterable[bytes], size: int) -> None:
+        self._pieces: Iterator[bytes] = iter(pieces)
+        self._piece = b""
+        self._pos = 0  # read position in _piece: no re-slicing of a 1 MiB piece per 8 KiB read
+        self._size = size
+
+    def __len__(self) -> int:
+        return self._size
+
+    def read(self, size: int = -1, /) -> bytes:
+        out = []
+        want = size if size >= 0 else self._size
+        while want > 0:
+            if self._pos >= len(self._piece):
+                piece = next(self._pieces, None)
+                if piece is None:
+                    break
+                self._piece, self._pos = piece, 0
+            take = self._piece[self._pos : self._pos + want]
+            self._pos += len(take)
+            want -= len(take)
+            out.append(take)
+        return b"".join(out)
+
+
+def _upload(http: DatastoreFiles, plan: PlannedVm) -> None:
     started = time.monotonic()
     total = 0
     for disk in plan.disks:
@@ -262,14 +298,14 @@ def _upload(http: DatastoreHttp, plan: PlannedVm) -> None:
             if isinstance(content, bytes):
                 http.put(file.path, content)
             else:
-                http.put(file.path, content.iter_bytes(), size=content.size)
+                http.put(file.path, _PieceReader(content.iter_bytes(), content.size))
             total += file.size
         if disk.placeholder:
             http.put(disk.placeholder, b"")
     log.info("lab_vm_files_uploaded", vm=plan.spec.name, bytes=total, s=round(time.monotonic() - started, 2))
 
 
-def _create(ctx: _Context, http: DatastoreHttp, plan: PlannedVm, changes: list[str]) -> Any:
+def _create(ctx: _Context, http: DatastoreFiles, plan: PlannedVm, changes: list[str]) -> Any:
     vm_spec = plan.spec
     _upload(http, plan)
     folder = _ensure_folder(ctx, vm_spec.folder)
@@ -381,13 +417,13 @@ def seed_estate(
     ctx = _Context(si, estate)
     changes: list[str] = []
     session_cookie = cookie if cookie is not None else getattr(si._stub, "cookie", None)
-    with DatastoreHttp(datastore_url, datacenter=estate.datacenter, datastore=estate.datastore,
-                       cookie=session_cookie, ca_file=ca_file) as http:
+    with DatastoreFiles(datastore_url, session_cookie, datacenter=estate.datacenter,
+                        datastore=estate.datastore, ca_file=ca_file) as http:
         try:
             fields = _ensure_fields(ctx, estate.custom_attributes, changes)
             for iso in estate.isos:
                 content = estatedisks.iso_placeholder(iso)
-                if http.size(iso) != len(content):
+                if _size(http, iso) != len(content):
                     http.put(iso, content)
                     changes.append(f"file {iso} uploaded")
             seeded = []
