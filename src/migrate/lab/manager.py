@@ -25,6 +25,7 @@ from rich.table import Table
 
 from migrate.errors import LabError
 from migrate.lab import certs, vcsim
+from migrate.lab.control import call_control
 from migrate.lab.estate import DEFAULT_ESTATE, load_estate, write_seeded
 from migrate.lab.process import running, stop_pid
 
@@ -269,21 +270,9 @@ def service(state_dir: Path, name: str) -> Service:
 
 def control(state_dir: Path, name: str, action: str, **params: Any) -> Any:
     """Call a lab fake's control endpoint (``fakepve`` or ``xapi-fake``): faults, state, requests."""
-    import requests
-
     svc = service(state_dir, name)
-    secret = Path(svc.control_secret_file).read_text().strip()
     ca_file = lab_dir(state_dir) / "tls" / "ca.pem"
-    resp = requests.post(
-        f"{svc.url.rstrip('/')}/_lab/{action}",
-        json=params,
-        verify=str(ca_file),
-        headers={"X-Lab-Control": secret},
-        timeout=60,
-    )
-    if resp.status_code != 200:
-        raise LabError(f"{name} control {action!r} refused ({resp.status_code}): {resp.text.strip()}")
-    return resp.json()["data"]
+    return call_control(name, svc.url, Path(svc.control_secret_file), ca_file, action, params)
 
 
 def status_table(current: LabStatus) -> Table:

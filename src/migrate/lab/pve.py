@@ -25,10 +25,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import requests
-
 from migrate.errors import LabError
 from migrate.lab.certs import CertPaths
+from migrate.lab.control import call_control
 from migrate.lab.process import end_process, stop_pid_file
 from migrate.lab.sshd import RunningSshd
 
@@ -198,16 +197,7 @@ class RunningPve:
         """Call the fake's control endpoint: fail, clear_failures, flaky_network, slow_network,
         node_offline, lock_vm, unlock_vm, hold_config_lock, release_config_lock, vm_set, set,
         state, requests. Returns the action's data."""
-        try:
-            resp = requests.post(
-                f"{self.url}/_lab/{action}", json=params, verify=str(self.ca_file), timeout=60,
-                headers={"X-Lab-Control": self.control_secret_file.read_text().strip()},
-            )  # fmt: skip
-        except requests.RequestException as exc:
-            raise LabError(f"fakepve control '{action}' failed: {exc}") from None
-        if resp.status_code != 200:
-            raise LabError(f"fakepve control '{action}' refused ({resp.status_code}): {resp.text.strip()}")
-        return resp.json()["data"]
+        return call_control("fakepve", self.url, self.control_secret_file, self.ca_file, action, params)
 
     def state(self) -> dict[str, Any]:
         return self.control("state")  # type: ignore[no-any-return]

@@ -44,6 +44,7 @@ from fakepve.qemu import (
 )
 
 from migrate.lab.bootcode import ascii_tag, serial_line
+from migrate.lab.control import CONTROL_HEADER
 from migrate.lab.guestboot import Firmware, GuestBoots, GuestDisk
 
 log = structlog.get_logger(__name__)
@@ -437,7 +438,7 @@ class LabPve(FakePve):  # type: ignore[misc]  # fakepve is untyped
         return await super()._middleware(request, handler)  # type: ignore[no-any-return]
 
     async def _lab_control(self, request: web.Request) -> web.StreamResponse:
-        given = request.headers.get("X-Lab-Control", "")
+        given = request.headers.get(CONTROL_HEADER, "")
         if not hmac.compare_digest(given.encode(), self.control_secret.encode()):
             return web.json_response({"data": None, "message": "bad control secret"}, status=401)
         action = request.path[len(CONTROL_PREFIX):].replace("-", "_")

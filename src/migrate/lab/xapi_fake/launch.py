@@ -9,12 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import requests
-
 from migrate.errors import LabError
 from migrate.lab.certs import CertPaths
+from migrate.lab.control import call_control
 from migrate.lab.process import end_process, stop_pid_file
-from migrate.lab.xapi_fake.server import CONTROL_HEADER
 
 
 @dataclass
@@ -40,20 +38,7 @@ class RunningXapi:
     def control(self, action: str, **params: Any) -> Any:
         """fail (arm faults: sr_full, session_invalid, drop_upload, drop_after_bytes, fail_task,
         task_error), clear_failures, faults, calls, state."""
-        verify: str | bool = str(self.ca_file) if self.ca_file else True
-        try:
-            resp = requests.post(
-                f"{self.url}_lab/{action}",
-                json=params,
-                verify=verify,
-                timeout=30,
-                headers={CONTROL_HEADER: self.control_secret_file.read_text().strip()},
-            )
-        except requests.RequestException as exc:
-            raise LabError(f"XAPI fake control '{action}' failed: {exc}") from None
-        if resp.status_code != 200:
-            raise LabError(f"XAPI fake control '{action}' refused ({resp.status_code}): {resp.text.strip()}")
-        return resp.json()["data"]
+        return call_control("XAPI fake", self.url, self.control_secret_file, self.ca_file, action, params)
 
     def inventory_entry(self) -> dict[str, Any]:
         """A ``targets:`` entry for an inventory file (the password as a file: reference)."""

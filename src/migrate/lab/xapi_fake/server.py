@@ -24,6 +24,7 @@ import structlog
 
 from migrate.errors import LabError
 from migrate.lab.certs import CertPaths, make_certs
+from migrate.lab.control import CONTROL_HEADER
 from migrate.lab.xapi_fake import datamodel, guests, handlers, seed, upload, wire
 from migrate.lab.xapi_fake.dispatch import Xapi
 from migrate.lab.xapi_fake.faults import Faults
@@ -32,7 +33,6 @@ from migrate.lab.xapi_fake.store import Store
 log = structlog.get_logger(__name__)
 
 _REGISTERED = handlers.login  # importing handlers registers the hand-written messages
-CONTROL_HEADER = "X-Lab-Control"
 
 
 class _Server(ThreadingHTTPServer):
