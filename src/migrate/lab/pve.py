@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import select
 import subprocess
 import sys
 import uuid
@@ -25,10 +24,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from migrate.errors import LabError
 from migrate.lab.certs import CertPaths
 from migrate.lab.control import call_control
-from migrate.lab.process import end_process, stop_pid_file
+from migrate.lab.process import end_process, start_ready_child, stop_pid_file
 from migrate.lab.sshd import RunningSshd
 
 GiB = 1024**3
@@ -270,24 +268,11 @@ def start_pve(
     config.update(host=host, time_scale=time_scale, cert=str(certs.cert), key=str(certs.key))
     config_file = pve_dir / "config.json"
     _write_private(config_file, json.dumps(config, indent=1))
-    log_file = pve_dir / "pve.log"
-    with open(log_file, "ab") as log_out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "migrate.lab.pve", "serve", str(config_file)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_out, start_new_session=detach,
-        )  # fmt: skip
-    assert proc.stdout is not None
-    ready_now, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT)
-    line = proc.stdout.readline() if ready_now else b""
-    proc.stdout.close()
-    if not line:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
-        tail = log_file.read_text(errors="replace")[-3000:]
-        raise LabError(f"fakepve exited with code {proc.returncode} before listening:\n{tail}",
-                       hint="pip install 'migrate[lab]' (fakepve, aiohttp, cryptography)")
-    ready = json.loads(line)
+    proc, ready = start_ready_child(
+        "fakepve", [sys.executable, "-m", "migrate.lab.pve", "serve", str(config_file)], pve_dir / "pve.log",
+        detach=detach, timeout=START_TIMEOUT,
+        hint="pip install 'migrate[lab]' (fakepve, aiohttp, cryptography)",
+    )  # fmt: skip
     (pve_dir / "pve.pid").write_text(f"{proc.pid}\n")
     files = config["files"]
     running = RunningPve(

@@ -8,7 +8,6 @@ a changed main or package rebuilds and nothing else does.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from migrate.errors import LabError
-from migrate.lab.process import end_process
+from migrate.lab.process import end_process, start_ready_child
 
 GOVMOMI_SRC = Path("/usr/share/gocode/src/github.com/vmware/govmomi")
 MAIN_GO = Path(__file__).with_name("vcsim") / "main.go"
@@ -124,14 +123,8 @@ class RunningVcsim:
 
 def start(opts: VcsimOptions, *, detach: bool = False, log_path: Path | None = None) -> RunningVcsim:
     """Start vcsim and wait until it prints its URL (it listens before printing)."""
-    stderr = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
-    proc = subprocess.Popen(command(opts), stdout=subprocess.PIPE, stderr=stderr, start_new_session=detach)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line:
-        proc.wait(timeout=10)
-        raise LabError(f"vcsim exited with code {proc.returncode} before listening")
-    url = json.loads(line)["url"]
+    proc, ready = start_ready_child("vcsim", command(opts), log_path, detach=detach)
+    url = ready["url"]
     scheme, rest = url.split("://", 1)
     url = f"{scheme}://{rest.split('@', 1)[-1]}"
     return RunningVcsim(process=proc, url=url)

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from migrate.errors import LabError
 from migrate.lab.certs import CertPaths
 from migrate.lab.control import call_control
-from migrate.lab.process import end_process, stop_pid_file
+from migrate.lab.process import end_process, start_ready_child, stop_pid_file
 
 
 @dataclass
@@ -63,18 +61,7 @@ def start_xapi(
         cmd.append("--plain")
     else:
         cmd += ["--certs", str(certs.ca.parent)]
-    with open(state_dir / "xapi.log", "ab") as log_out:
-        proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_out, start_new_session=detach
-        )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    proc.stdout.close()
-    if not line:
-        proc.wait(timeout=10)
-        tail = (state_dir / "xapi.log").read_text(errors="replace")[-3000:]
-        raise LabError(f"the XAPI fake exited with code {proc.returncode} before listening:\n{tail}")
-    ready = json.loads(line)
+    proc, ready = start_ready_child("the XAPI fake", cmd, state_dir / "xapi.log", detach=detach)
     (state_dir / "xapi.pid").write_text(f"{proc.pid}\n")
     return RunningXapi(
         url=ready["url"],
